@@ -1,0 +1,61 @@
+"""What every entry point does first: Horovod, config, output folder, per-rank log, and
+turning any error on any rank into a logged, non-zero exit instead of a hang."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from hvd_megdet import config as config_mod
+from hvd_megdet import dist
+from hvd_megdet import log as log_mod
+
+DEFAULT_OUTPUT_ROOT = "outputs"
+
+
+def start(cfg: config_mod.Config, output_dir: str | None, write_config: bool = True):
+    """Create the output folder and this rank's log; register BN groups. Returns (out, logger)."""
+    out = Path(output_dir or Path(DEFAULT_OUTPUT_ROOT) / cfg.name).expanduser().resolve()
+    try:
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        probe = out / "logs" / f".write-test-{dist.rank()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output directory {out} cannot be written: {e.strerror or e}") from None
+    log = log_mod.setup(out, dist.rank())
+    log_mod.log_environment(log, dist.environment())
+    if dist.is_main():
+        log.info("output directory: %s", out)
+        if write_config:
+            (out / "config.yaml").write_text(config_mod.to_yaml(cfg))
+    if cfg.model.norm == "syncbn":
+        dist.init(bn_group_size=cfg.model.bn_group_size or dist.size())
+        log.info("BN group: %d ranks x %d images = %d images per BN statistic (group %s)",
+                 cfg.model.bn_group_size or dist.size(), cfg.solver.images_per_rank,
+                 (cfg.model.bn_group_size or dist.size()) * cfg.solver.images_per_rank,
+                 dist.bn_group_ranks(cfg.model.bn_group_size or None))
+    return out, log
+
+
+def run(main) -> None:
+    """Run ``main() -> exit code`` on this rank; on an exception, log it with the rank and exit 1
+    at once (``os._exit``: no interpreter teardown that could wait on dead peers)."""
+    try:
+        dist.init()
+        code = main()
+    except BaseException as e:  # noqa: BLE001 - every failure must end the job, never hang it
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        where = f"rank {dist.rank()}/{dist.size()}"
+        msg = f"{where}: {type(e).__name__}: {e}"
+        logger = log_mod.get_logger()
+        if logger.handlers:
+            logger.error("%s\n%s", msg, traceback.format_exc())
+        print(f"ERROR {msg}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)

@@ -1,0 +1,99 @@
+"""The embedded "shapes" detection set, written in the COCO layout and read back through pycocotools.
+
+``root/train/*.jpg``, ``root/val/*.jpg``, ``root/annotations/instances_{train,val}.json``.
+Three classes (rectangle, ellipse, triangle), 1-6 objects per image from COCO
+"small" (< 32² px) to large, overlaps allowed, on a textured noisy background.
+Deterministic by seed; generated once into a cache folder (atomically) and reused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES = ("rectangle", "ellipse", "triangle")
+VERSION = 1  # bump when the generator changes: it is part of the cache folder name
+
+
+def default_root(n_train: int, n_val: int, size: int, seed: int) -> Path:
+    base = Path(os.environ.get("HVD_MEGDET_CACHE", Path.home() / ".cache" / "hvd_megdet"))
+    return base / f"shapes-v{VERSION}-{n_train}-{n_val}-{size}px-seed{seed}"
+
+
+def _background(rng: np.random.RandomState, size: int) -> np.ndarray:
+    """Smooth colour gradient + blocky low-frequency texture + pixel noise."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    c0, c1 = rng.uniform(40, 200, 3), rng.uniform(40, 200, 3)
+    t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))[..., None]
+    img = c0 + (c1 - c0) * (t - t.min()) / (np.ptp(t) + 1e-6)
+    blocks = rng.uniform(-30, 30, (8, 8, 3)).repeat(size // 8 + 1, 0).repeat(size // 8 + 1, 1)[:size, :size]
+    img = img + blocks + rng.normal(0, 12, (size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _draw_image(rng: np.random.RandomState, size: int):
+    img = Image.fromarray(_background(rng, size))
+    draw = ImageDraw.Draw(img)
+    objects = []
+    for _ in range(rng.randint(1, 7)):
+        cls = rng.randint(len(CLASSES))
+        w, h = (int(v) for v in rng.randint(8, min(57, size // 2), 2))
+        if cls == 2:
+            h = w  # equilateral-ish triangles read better
+        x0, y0 = int(rng.randint(0, size - w)), int(rng.randint(0, size - h))
+        color = tuple(int(v) for v in rng.randint(0, 256, 3))
+        box = [x0, y0, x0 + w - 1, y0 + h - 1]
+        if cls == 0:
+            draw.rectangle(box, fill=color)
+        elif cls == 1:
+            draw.ellipse(box, fill=color)
+        else:
+            draw.polygon([(x0 + w / 2, y0), (x0, y0 + h - 1), (x0 + w - 1, y0 + h - 1)], fill=color)
+        objects.append((cls, [float(x0), float(y0), float(w), float(h)]))
+    return img, objects
+
+
+def _write_split(root: Path, split: str, n: int, size: int, seed: int) -> None:
+    rng = np.random.RandomState(seed)
+    (root / split).mkdir(parents=True)
+    images, annotations = [], []
+    for i in range(n):
+        img, objects = _draw_image(rng, size)
+        name = f"{i:06d}.jpg"
+        img.save(root / split / name, quality=92)
+        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+        for cls, (x, y, w, h) in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cls + 1,
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+    coco = {"info": {"description": f"hvd_megdet shapes v{VERSION} seed {seed}"},
+            "images": images, "annotations": annotations,
+            "categories": [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(CLASSES)]}
+    (root / "annotations").mkdir(exist_ok=True)
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+
+
+def ensure(root: str | os.PathLike, n_train: int, n_val: int, size: int, seed: int, log=None) -> Path:
+    """Generate the set into ``root`` unless it is already complete there. Safe to race."""
+    root = Path(root)
+    if (root / "annotations" / "instances_val.json").is_file():
+        return root
+    if log:
+        log.info("generating the shapes dataset (%d train + %d val, %d px) into %s", n_train, n_val, size, root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+    try:
+        _write_split(tmp, "train", n_train, size, seed)
+        _write_split(tmp, "val", n_val, size, seed + 1_000_003)
+        try:
+            os.rename(tmp, root)  # atomic: readers see all or nothing
+        except OSError:
+            if not (root / "annotations" / "instances_val.json").is_file():
+                raise  # not a lost race: a real error
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

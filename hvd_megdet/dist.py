@@ -1,0 +1,238 @@
+"""Everything distributed goes through here: the only module importing horovod and mpi4py.
+
+Rank and size come from ``hvd.init()`` only. Every helper also works in a plain
+single process (size 1), initialised or not, so library code and unit tests can
+call them without a launcher.
+
+BN groups (MegDet's "BN size"): contiguous blocks of ``k`` ranks, registered as
+Horovod process sets at ``init(bn_group_size=k)``. Process sets are created with
+Horovod's dynamic process sets, because static ones must be listed before
+``hvd.init`` — i.e. before the world size is known from Horovod itself.
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+import horovod
+import horovod.torch as hvd
+
+Sum = hvd.Sum
+Average = hvd.Average
+
+# group_size -> this rank's ProcessSet (None means "no communication": k == 1).
+_bn_sets: dict[int, Any] = {}
+
+
+class DistError(RuntimeError):
+    """A distributed set-up error, raised identically on every rank before any collective."""
+
+
+def init(bn_group_size: int | Iterable[int] | None = None) -> None:
+    """Initialise Horovod and register the process sets of the BN groups.
+
+    ``bn_group_size``: one size or several (e.g. ``[2, 4]``); each must divide
+    ``size()``. Idempotent for the same sizes.
+    """
+    if not hvd.is_initialized():
+        hvd.init(process_sets="dynamic")
+    sizes = [] if bn_group_size is None else (
+        [bn_group_size] if isinstance(bn_group_size, int) else list(bn_group_size))
+    world = hvd.size()
+    for k in sizes:  # validate all sizes first: the same error on every rank, no collective yet
+        if not isinstance(k, int) or k < 1 or world % k != 0:
+            raise DistError(f"BN group size {k!r} does not divide the world size {world} "
+                            f"(rank {hvd.rank()}): choose a divisor of {world}")
+    for k in sizes:
+        if k in _bn_sets:
+            continue
+        if k == 1:
+            _bn_sets[k] = None
+        elif k == world:
+            _bn_sets[k] = hvd.global_process_set
+        else:
+            mine = None
+            # add_process_set is collective: every rank adds every group, in the same order.
+            for start in range(0, world, k):
+                ps = hvd.add_process_set(list(range(start, start + k)))
+                if start <= hvd.rank() < start + k:
+                    mine = ps
+            _bn_sets[k] = mine
+
+
+def is_initialized() -> bool:
+    return hvd.is_initialized()
+
+
+def rank() -> int:
+    return hvd.rank() if hvd.is_initialized() else 0
+
+
+def size() -> int:
+    return hvd.size() if hvd.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return hvd.local_rank() if hvd.is_initialized() else 0
+
+
+def local_size() -> int:
+    return hvd.local_size() if hvd.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def controller() -> str:
+    """Which Horovod controller runs this job: 'mpi', 'gloo' or 'none' (not initialised)."""
+    if not hvd.is_initialized():
+        return "none"
+    return "mpi" if hvd.mpi_enabled() else ("gloo" if hvd.gloo_enabled() else "unknown")
+
+
+def bn_group(group_size: int | None):
+    """The process set this rank uses for a BN group of ``group_size`` ranks.
+
+    Returns ``None`` when no communication is needed (group of 1, or a single
+    process). ``group_size=None`` means all ranks.
+    """
+    world = size()
+    k = world if group_size is None else group_size
+    if k == 1 or world == 1:
+        if world % k != 0:
+            raise DistError(f"BN group size {k} does not divide the world size {world}")
+        return None
+    if k == world:
+        return hvd.global_process_set
+    if k not in _bn_sets:
+        raise DistError(
+            f"BN group size {k} was not registered on rank {rank()}: call "
+            f"hvd_megdet.dist.init(bn_group_size={k}) (registered: {sorted(_bn_sets)})")
+    return _bn_sets[k]
+
+
+def bn_group_ranks(group_size: int | None) -> list[int]:
+    """The ranks in this rank's BN group (contiguous block)."""
+    world = size()
+    k = world if group_size is None else group_size
+    start = rank() // k * k
+    return list(range(start, start + k))
+
+
+def device() -> torch.device:
+    """``cuda:local_rank`` when CUDA is usable, else CPU."""
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def seed_all(seed: int, per_rank: bool = True) -> int:
+    """Seed python, numpy and torch; ``seed + rank`` when ``per_rank``. Returns the seed used."""
+    s = seed + (rank() if per_rank else 0)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    return s
+
+
+# --- collectives (no-ops in a single process) -----------------------------
+
+def allreduce(tensor: torch.Tensor, op=Sum, name: str | None = None, process_set=None) -> torch.Tensor:
+    """Differentiable allreduce (returns a new tensor)."""
+    if size() == 1:
+        return tensor.clone()
+    kw = {"process_set": process_set} if process_set is not None else {}
+    return hvd.allreduce(tensor, op=op, name=name, **kw)
+
+
+def allgather_object(obj: Any, name: str | None = None) -> list[Any]:
+    """Every rank gets the list of every rank's ``obj`` (picklable), ordered by rank."""
+    if size() == 1:
+        return [obj]
+    return hvd.allgather_object(obj, name=name)
+
+
+def broadcast_object(obj: Any, root: int = 0, name: str | None = None) -> Any:
+    if size() == 1:
+        return obj
+    return hvd.broadcast_object(obj, root_rank=root, name=name)
+
+
+def barrier() -> None:
+    if size() > 1:
+        hvd.barrier()
+
+
+def average_scalars(values: dict[str, float], name: str = "average_scalars") -> dict[str, float]:
+    """Mean of a dict of scalars over all ranks (for logging). Same keys on every rank."""
+    if size() == 1 or not values:
+        return {k: float(v) for k, v in values.items()}
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = hvd.allreduce(t, op=hvd.Average, name=name)
+    return dict(zip(keys, t.tolist()))
+
+
+def any_rank(flag: bool, name: str = "any_rank") -> list[int]:
+    """Ranks where ``flag`` is true, known on every rank (one small allreduce)."""
+    if size() == 1:
+        return [0] if flag else []
+    t = torch.zeros(size(), dtype=torch.int32)
+    t[rank()] = int(bool(flag))
+    t = hvd.allreduce(t, op=hvd.Sum, name=name)
+    return [r for r, v in enumerate(t.tolist()) if v]
+
+
+def broadcast_parameters(state_dict, root: int = 0) -> None:
+    if size() > 1:
+        hvd.broadcast_parameters(state_dict, root_rank=root)
+
+
+def broadcast_optimizer_state(optimizer, root: int = 0) -> None:
+    if size() > 1:
+        hvd.broadcast_optimizer_state(optimizer, root_rank=root)
+
+
+def distributed_optimizer(optimizer, named_parameters, fp16_compression: bool = False,
+                          backward_passes_per_step: int = 1):
+    """Wrap ``optimizer`` in ``hvd.DistributedOptimizer`` (gradients averaged by allreduce)."""
+    return hvd.DistributedOptimizer(
+        optimizer, named_parameters=named_parameters,
+        compression=hvd.Compression.fp16 if fp16_compression else hvd.Compression.none,
+        backward_passes_per_step=backward_passes_per_step, op=hvd.Average)
+
+
+def environment() -> dict[str, Any]:
+    """Facts for the head of each rank's log."""
+    import torchvision
+    return {
+        "rank": rank(), "size": size(), "local_rank": local_rank(), "local_size": local_size(),
+        "host": socket.gethostname(), "pid": os.getpid(), "device": str(device()),
+        "controller": controller(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "horovod": horovod.__version__, "mpi": mpi_library_version(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def mpi_library_version() -> str | None:
+    """The MPI library's version string, without initialising MPI (allowed before MPI_Init)."""
+    try:
+        import mpi4py
+        mpi4py.rc.initialize = False  # Horovod owns MPI initialisation; never let mpi4py do it
+        mpi4py.rc.finalize = False
+        from mpi4py import MPI
+        return MPI.Get_library_version().splitlines()[0].strip()
+    except Exception:  # mpi4py missing or built against another MPI: not fatal for a log line
+        return None
+
+
+def shutdown() -> None:
+    if hvd.is_initialized():
+        hvd.shutdown()

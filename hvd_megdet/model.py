@@ -1,0 +1,104 @@
+"""torchvision Faster R-CNN with a ResNet-FPN backbone whose norm layer is the project's SyncBN.
+
+Backbones: ``resnet50`` / ``resnet18`` (torchvision), or ``tiny`` (a 4-stage
+ResNet of BasicBlocks with configurable widths, for the CPU demo). Backbone
+weights load from a local file only (never downloaded).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from hvd_megdet.config import Config, ModelConfig
+from hvd_megdet.sync_bn import SyncBatchNorm
+
+NORM_TYPES = (SyncBatchNorm, nn.BatchNorm2d, FrozenBatchNorm2d)
+
+
+def norm_layer(cfg: ModelConfig):
+    if cfg.norm == "syncbn":
+        return partial(SyncBatchNorm, group_size=cfg.bn_group_size or None)
+    return {"bn": nn.BatchNorm2d, "frozen": FrozenBatchNorm2d}[cfg.norm]
+
+
+class TinyResNet(nn.Module):
+    """ResNet-style body: stem (stride 4) + four stages of one BasicBlock (strides 1, 2, 2, 2)."""
+
+    def __init__(self, widths, norm):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False)
+        self.bn1 = norm(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        cin = widths[0]
+        for i, (w, s) in enumerate(zip(widths, (1, 2, 2, 2))):
+            down = None if s == 1 and cin == w else nn.Sequential(nn.Conv2d(cin, w, 1, stride=s, bias=False), norm(w))
+            setattr(self, f"layer{i + 1}", nn.Sequential(resnet.BasicBlock(cin, w, s, down, norm_layer=norm)))
+            cin = w
+
+
+def _load_backbone_weights(body: nn.Module, path: str) -> None:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"model.backbone_weights: file not found: {p}")
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = body.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"model.backbone_weights {p} does not match the backbone: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
+    norm = norm_layer(cfg)
+    if cfg.backbone == "tiny":
+        body = TinyResNet(cfg.tiny_widths, norm)
+        if cfg.backbone_weights:
+            _load_backbone_weights(body, cfg.backbone_weights)
+        return BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)}, list(cfg.tiny_widths),
+                               cfg.fpn_channels)
+    backbone = resnet_fpn_backbone(backbone_name=cfg.backbone, weights=None, norm_layer=norm,
+                                   trainable_layers=cfg.trainable_layers)
+    if cfg.backbone_weights:
+        _load_backbone_weights(backbone.body, cfg.backbone_weights)
+    if cfg.fpn_channels != backbone.out_channels:
+        raise ValueError(f"model.fpn_channels={cfg.fpn_channels}: torchvision's {cfg.backbone} FPN has "
+                         f"{backbone.out_channels} channels")
+    return backbone
+
+
+def build_model(cfg: Config, num_classes: int) -> FasterRCNN:
+    m, d = cfg.model, cfg.data
+    backbone = build_backbone(m)
+    anchors = AnchorGenerator(tuple((s,) for s in m.anchor_sizes), ((0.5, 1.0, 2.0),) * len(m.anchor_sizes))
+    box_head = TwoMLPHead(backbone.out_channels * 7 * 7, m.representation_size)
+    return FasterRCNN(
+        backbone, num_classes=num_classes, min_size=d.min_size, max_size=d.max_size,
+        rpn_anchor_generator=anchors, box_head=box_head,
+        rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=m.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=m.rpn_batch_size_per_image, box_batch_size_per_image=m.box_batch_size_per_image,
+        box_detections_per_img=m.box_detections_per_img)
+
+
+def describe_norms(model: nn.Module) -> str:
+    """What normalisation the model holds, e.g. 'SyncBatchNorm(group_size=16) x53' — logged at start."""
+    counts = Counter()
+    for mod in model.modules():
+        if isinstance(mod, SyncBatchNorm):
+            counts[f"SyncBatchNorm(group_size={mod.group_size or 'all'})"] += 1
+        elif isinstance(mod, NORM_TYPES):
+            counts[type(mod).__name__] += 1
+    return ", ".join(f"{k} x{v}" for k, v in counts.items()) or "no normalisation layers"

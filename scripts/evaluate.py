@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on the val set (COCO bbox):
+    [horovodrun -np N] python scripts/evaluate.py CHECKPOINT [--output-dir DIR] [key=value ...]
+
+The config comes from the checkpoint; key=value overrides apply on top (e.g. data.root=...).
+"""
+import argparse
+from pathlib import Path
+
+from hvd_megdet import app, checkpoint, config
+from hvd_megdet.engine import Trainer
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("--output-dir", default=None, help="default: the checkpoint's run folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args()
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    saved = checkpoint.load(ckpt)["config"]
+    cfg = config.from_dict(saved, args.overrides)
+    out, log = app.start(cfg, args.output_dir or ckpt.resolve().parent.parent, write_config=False)
+    trainer = Trainer(cfg, out, log)
+    trainer.load_checkpoint(ckpt)
+    trainer.evaluate()
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

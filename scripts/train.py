@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Train MegDet with Horovod:  horovodrun -np N python scripts/train.py [--config NAME] [key=value ...]
+
+With no arguments: the embedded shapes_tiny demo into outputs/shapes_tiny/.
+"""
+import argparse
+
+from hvd_megdet import app, checkpoint, config
+from hvd_megdet.engine import Trainer
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=config.DEFAULT_CONFIG,
+                   help=f"config name ({', '.join(config.available())}) or a .yaml path")
+    p.add_argument("--output-dir", default=None, help="default: outputs/<config name>")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the latest checkpoint and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. solver.max_iter=100")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    cfg = config.load(args.config, args.overrides)
+    out, log = app.start(cfg, args.output_dir)
+    trainer = Trainer(cfg, out, log)
+    if args.resume or args.eval_only:
+        trainer.load_checkpoint(checkpoint.latest(out))
+    if args.eval_only:
+        trainer.evaluate()
+        return 0
+    code = trainer.train()
+    log.info("done: outputs in %s", out)
+    return code
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,37 @@
+"""hvd_megdet.dist under real horovodrun jobs, with Gloo and with MPI."""
+import pytest
+
+from tests.harness import CONTROLLERS, launch
+
+MOD = "tests.workers.dist_checks"
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+@pytest.mark.parametrize("np_", [1, 2, 4])
+def test_collectives(tmp_path, controller, np_):
+    results, _ = launch(MOD, np_, controller, tmp_path, timeout=180)
+    ranks = list(range(np_))
+    for r, res in enumerate(results):
+        assert res["rank"] == r and res["size"] == np_
+        assert res["controller"] == controller
+        assert res["sum"] == [float(sum(ranks)), float(np_)]
+        assert res["avg"] == pytest.approx([sum(ranks) / np_])
+        assert res["gathered"] == [{"r": q, "sq": q * q} for q in ranks]
+        assert res["bcast"] == {"from": np_ - 1, "payload": list(range(np_))}
+        assert res["scalars"] == pytest.approx({"loss": sum(ranks) / np_, "one": 1.0})
+        assert res["flagged"] == [np_ - 1]
+        assert res["env"]["horovod"] == "0.28.1" and res["env"]["device"] == "cpu"
+    if np_ == 4:  # process sets {0,1} and {2,3}
+        for r, res in enumerate(results):
+            block = [0, 1] if r < 2 else [2, 3]
+            assert res["group_ranks"] == block
+            assert res["group_sum"] == [float(sum(block))]
+            assert "was not registered" in res["unregistered"]
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_failing_rank_ends_job(tmp_path, controller):
+    """A rank that raises while others wait in a collective: non-zero exit, no hang."""
+    _, res = launch(MOD, 2, controller, tmp_path, ["--raise-on-rank", "1"], timeout=120, expect_ok=False)
+    assert res.returncode != 0
+    assert "deliberate failure on rank 1" in res.stdout
