@@ -3,11 +3,10 @@
 Training costs exactly two collectives per layer per iteration, both on the BN
 group's process set:
 
-* forward: one allreduce (fp64, 2C+1 values) of the per-channel count-weighted
-  sums ``n·m`` and ``n·(v + m²)``, where ``m``/``v`` are this rank's exact local
-  mean and biased variance. Shifting each rank's data by its own mean before
-  squaring, and combining in fp64, keeps the variance exact when |mean| ≫ std
-  (the naive fp32 ``E[x²] − E[x]²`` loses it all at |mean|/std ≈ 1e3);
+* forward: one allreduce (fp64, 2C+1 values) of per-channel ``Σx``, ``Σx²`` and
+  the count. Each rank sums its data shifted by one of its own values per channel
+  (fp32, no cancellation) and converts to fp64, where ``E[x²] − E[x]²`` stays
+  exact when |mean| ≫ std (the naive fp32 version loses it all at |mean|/std ≈ 1e3);
 * backward: one allreduce (fp32, 2C values) of per-channel ``Σdy`` and
   ``Σdy·(x − μ)``.
 
@@ -136,15 +135,23 @@ class SyncBatchNorm(_BatchNorm):
                             self._momentum() if self.training and self.track_running_stats else 0.0, self.eps)
 
     def _group_stats(self, x: torch.Tensor, process_set):
-        """Group mean and biased variance (fp32) and the group's count, by one allreduce."""
+        """Group mean and biased variance (fp32) and the group's count, by one allreduce.
+
+        Each rank sums ``d = x − K`` and ``d²`` in fp32 with ``K`` one of its own values per
+        channel (so |d| ~ std: no cancellation), then expresses them as ``Σx`` and ``Σx²``
+        in fp64, where the final ``E[x²] − E[x]²`` is exact enough.
+        """
         c = x.shape[1]
         n = x.numel() // c if x.numel() else 0
+        zeros = torch.zeros(c, dtype=torch.float64, device=x.device)
+        s1 = s2 = k = zeros
         if n:
-            var, mean = torch.var_mean(x.float(), dim=_reduce_dims(x), correction=0)
-            var, mean = var.double(), mean.double()
-        else:  # empty batch: contributes nothing but still joins the collective
-            var = mean = torch.zeros(c, dtype=torch.float64, device=x.device)
-        stats = torch.cat([mean * n, (var + mean * mean) * n,
+            shift = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)].float()  # x[0, :, 0, 0]
+            d = x.detach().float() - _bcast(shift, x)
+            s1 = d.sum(_reduce_dims(x)).double()
+            s2 = d.square_().sum(_reduce_dims(x)).double()
+            k = shift.double()
+        stats = torch.cat([n * k + s1, s2 + 2 * k * s1 + n * k * k,
                            torch.tensor([float(n)], dtype=torch.float64, device=x.device)])
         stats = dist.allreduce(stats, op=dist.Sum, name=self._name + ".fwd", process_set=process_set)
         count = float(stats[-1])

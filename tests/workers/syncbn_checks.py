@@ -45,7 +45,7 @@ def group_slices(counts, group):
 
 
 def compare(counts, group_size, steps=3, momentum=0.1, dtype=torch.float32, mean=0.0, std=1.0,
-            channels_last=False, tol=1e-5, ref_dtype=torch.float32):
+            channels_last=False, tol=1e-5, ref_dtype=torch.float32, stat_tol=1e-5):
     """One case: ``steps`` training iterations of SyncBN vs the reference. Returns a list of failures."""
     r = dist.rank()
     group = dist.bn_group_ranks(group_size)
@@ -61,7 +61,7 @@ def compare(counts, group_size, steps=3, momentum=0.1, dtype=torch.float32, mean
     failures = []
     for step in range(steps):
         full = (torch.randn(sum(counts), C, H, W, generator=gen) * std + mean).to(dtype)
-        g = torch.randn(sum(counts), C, H, W, generator=gen)
+        g = torch.randn(sum(counts), C, H, W, generator=gen).to(dtype).float()  # dy as SyncBN sees it
         x = full[offsets[r]:offsets[r + 1]].clone()
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -82,8 +82,8 @@ def compare(counts, group_size, steps=3, momentum=0.1, dtype=torch.float32, mean
         for what, a, e, t in [("output", y, yr[mine], otol), ("grad_x", x.grad, xr.grad[mine], otol),
                               ("grad_w", gw, ref.weight.grad, tol * 10 if dtype != torch.float32 else tol),
                               ("grad_b", gb, ref.bias.grad, tol),
-                              ("running_mean", sbn.running_mean, ref.running_mean, tol),
-                              ("running_var", sbn.running_var, ref.running_var, tol)]:
+                              ("running_mean", sbn.running_mean, ref.running_mean, stat_tol),
+                              ("running_var", sbn.running_var, ref.running_var, stat_tol)]:
             if a.dtype != e.dtype:
                 a, e = a.double(), e.double()
             if what == "output" and y.dtype != dtype:
@@ -131,8 +131,9 @@ def checks(args):
         cases[f"{tag}/empty_rank"] = compare(empty, k) if n > 1 else []
     cases["momentum_none"] = compare(uneven, None, momentum=None)
     cases["channels_last"] = compare(uneven, None, channels_last=True)
-    # |mean|/std = 1e3, against a float64 reference; output precision is bounded by fp32 inputs.
-    cases["large_mean"] = compare(uneven, None, mean=1e4, std=10.0, ref_dtype=torch.float64, tol=1e-4)
+    # |mean|/std = 1e3 against a float64 reference: statistics to 1e-5; activations and gradients
+    # are bounded by the fp32 input itself (ulp(1e4)/std = 1e-4), as for plain fp32 BatchNorm.
+    cases["large_mean"] = compare(uneven, None, mean=1e4, std=10.0, ref_dtype=torch.float64, tol=1e-3)
     out["naive_large_mean_rel_error"] = naive_variance_error(1e4, 10.0)
     cases["fp16"] = compare(uneven, None, dtype=torch.float16, tol=2e-3)
     cases["bf16"] = compare(uneven, None, dtype=torch.bfloat16, tol=2e-2)
