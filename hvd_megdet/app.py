@@ -53,7 +53,8 @@ def run(main) -> None:
         logger = log_mod.get_logger()
         if logger.handlers:
             logger.error("%s\n%s", msg, traceback.format_exc())
-        print(f"ERROR {msg}", file=sys.stderr, flush=True)
+        if not (logger.handlers and dist.is_main()):  # rank 0's log already went to the console
+            print(f"ERROR {msg}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
     sys.stdout.flush()

@@ -148,7 +148,7 @@ def load(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] = ()) -> Confi
     except OmegaConfBaseException as e:
         raise ConfigError(f"command-line override: {_describe(e)}") from None
     if not merged.name:
-        merged.name = _find(name_or_path).stem
+        merged = OmegaConf.merge(merged, {"name": _find(name_or_path).stem})
     cfg = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg

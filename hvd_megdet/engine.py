@@ -48,12 +48,14 @@ class Trainer:
         self.device = dist.device()
         if cfg.train.threads_per_rank:
             torch.set_num_threads(cfg.train.threads_per_rank)
+        dist.seed_all(cfg.train.seed, per_rank=False)  # identical init everywhere (then broadcast anyway)
         self.sched = Schedule.from_config(cfg.solver, dist.size())
         if dist.local_rank() == 0:
             data.prepare(cfg.data, log)
         dist.barrier()
         self.val_ds = data.val_dataset(cfg.data)
         self.model = build_model(cfg, self.val_ds.num_classes).to(self.device)
+        dist.seed_all(cfg.train.seed, per_rank=True)  # per-rank RNG (RPN/ROI sampling); saved in checkpoints
         self.optimizer = optim.build_optimizer(self.model, cfg.solver, self.sched.lr_at(0))
         self.amp = cfg.solver.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
@@ -111,7 +113,7 @@ class Trainer:
         """One allreduce: which ranks saw a non-finite loss, whether any rank must stop, mean losses."""
         n, keys = dist.size(), sorted(losses)
         v = torch.zeros(n + 1 + len(keys), dtype=torch.float64)
-        v[dist.rank()] = float(not math.isfinite(float(loss)))
+        v[dist.rank()] = float(not math.isfinite(float(loss.detach())))
         v[n] = float(stop)
         v[n + 1:] = torch.tensor([float(losses[k]) for k in keys], dtype=torch.float64)
         v = dist.allreduce(v, op=dist.Sum, name="iteration_status")
@@ -119,9 +121,11 @@ class Trainer:
         means = {k: float(x) / n for k, x in zip(keys, v[n + 1:].tolist())}
         return bad, bool(v[n] > 0), means
 
-    def train(self) -> int:
-        """Train until ``max_iter`` or a stop signal; returns 0 or PREEMPTED_EXIT_CODE."""
+    def train(self, until: int | None = None) -> int:
+        """Train until ``max_iter`` (or iteration ``until``, checkpointed there) or a stop
+        signal; returns 0 or PREEMPTED_EXIT_CODE. Evaluates at the end of the schedule."""
         cfg, sched, passes = self.cfg, self.sched, self.cfg.solver.backward_passes_per_step
+        end = sched.max_iter if until is None else min(until, sched.max_iter)
         stop = StopFlag()
         train_ds = data.train_dataset(cfg.data)
         if train_ds.cat_ids != self.val_ds.cat_ids:
@@ -133,15 +137,15 @@ class Trainer:
         batches = iter(loader)
         writer = self._tensorboard()
         metrics_file = open(self.out / "metrics.jsonl", "a") if dist.is_main() else None
-        progress = Progress(self.iteration, sched.max_iter, self.log) if dist.is_main() else None
+        progress = Progress(self.iteration, end, self.log) if dist.is_main() else None
         self.model.train()
-        self.log.info("training from iteration %d to %d", self.iteration, sched.max_iter)
+        self.log.info("training from iteration %d to %d (schedule: %d)", self.iteration, end, sched.max_iter)
         try:
-            while self.iteration < sched.max_iter:
+            while self.iteration < end:
                 it = self.iteration
                 lr = sched.lr_at(it)
                 optim.set_lr(self.optimizer, lr)
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad()
                 sums: dict[str, float] = {}
                 for _ in range(passes):
                     images, targets = to_device(*next(batches), self.device)
@@ -149,18 +153,18 @@ class Trainer:
                         losses = self.model(images, targets)
                     loss = sum(losses.values()) / passes
                     for k, v in losses.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) / passes
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / passes
                     bad, stopping, means = self._agree(loss, {**sums, "loss": sum(sums.values())},
                                                        stop.signum != 0)
                     if bad:
                         raise NonFiniteLoss(f"non-finite loss at iteration {it} on rank(s) {bad} "
-                                            f"(this rank: {dict((k, float(v)) for k, v in losses.items())})")
+                                            f"(this rank: {dict((k, float(v.detach())) for k, v in losses.items())})")
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                 optim.step(self.optimizer, self.model, cfg.solver.clip_grad_norm, self.scaler)
                 self.iteration = it + 1
                 if progress:
                     progress.update(self.iteration, lr, means)
-                    if self.iteration % cfg.train.log_period == 0 or self.iteration == sched.max_iter:
+                    if self.iteration % cfg.train.log_period == 0 or self.iteration == end:
                         record = {"iteration": self.iteration, "lr": lr, **means,
                                   "it_per_s": progress.rate(), "time": time.time()}
                         metrics_file.write(json.dumps(record) + "\n")
@@ -174,7 +178,7 @@ class Trainer:
                                      self.iteration)
                     self.save_checkpoint()
                     return PREEMPTED_EXIT_CODE
-                if self.iteration % cfg.train.checkpoint_period == 0 or self.iteration == sched.max_iter:
+                if self.iteration % cfg.train.checkpoint_period == 0 or self.iteration == end:
                     self.save_checkpoint()
                 if cfg.train.eval_period and self.iteration % cfg.train.eval_period == 0 \
                         and self.iteration < sched.max_iter:
@@ -184,7 +188,8 @@ class Trainer:
                 progress.close()
             if metrics_file:
                 metrics_file.close()
-        self.evaluate(writer)
+        if self.iteration == sched.max_iter:
+            self.evaluate(writer)
         if writer:
             writer.close()
         return 0

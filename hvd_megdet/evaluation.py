@@ -70,7 +70,9 @@ def save_visualizations(model, dataset: CocoDetection, indices: list[int], out_d
         keep = o["scores"] >= score_threshold
         labels = [f"{dataset.class_names[int(lab) - 1]} {s:.2f}"
                   for lab, s in zip(o["labels"][keep].tolist(), o["scores"][keep].tolist())]
-        drawn = draw_bounding_boxes((image * 255).to(torch.uint8), o["boxes"][keep].cpu(), labels, width=1)
+        drawn = (image * 255).to(torch.uint8)
+        if keep.any():
+            drawn = draw_bounding_boxes(drawn, o["boxes"][keep].cpu(), labels, width=1)
         write_png(drawn, str(out_dir / f"val_{target['image_id']:06d}.png"))
 
 

@@ -16,7 +16,7 @@ from torchvision.models import resnet
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
-from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from hvd_megdet.config import Config, ModelConfig
@@ -85,8 +85,9 @@ def build_model(cfg: Config, num_classes: int) -> FasterRCNN:
     anchors = AnchorGenerator(tuple((s,) for s in m.anchor_sizes), ((0.5, 1.0, 2.0),) * len(m.anchor_sizes))
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, m.representation_size)
     return FasterRCNN(
-        backbone, num_classes=num_classes, min_size=d.min_size, max_size=d.max_size,
+        backbone, num_classes=None, min_size=d.min_size, max_size=d.max_size,
         rpn_anchor_generator=anchors, box_head=box_head,
+        box_predictor=FastRCNNPredictor(m.representation_size, num_classes),
         rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
         rpn_pre_nms_top_n_test=m.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
         rpn_batch_size_per_image=m.rpn_batch_size_per_image, box_batch_size_per_image=m.box_batch_size_per_image,

@@ -5,7 +5,7 @@ With no arguments: the embedded shapes_tiny demo into outputs/shapes_tiny/.
 """
 import argparse
 
-from hvd_megdet import app, checkpoint, config
+from hvd_megdet import app, checkpoint, config, plan
 from hvd_megdet.engine import Trainer
 
 
@@ -16,6 +16,8 @@ def parse_args():
     p.add_argument("--output-dir", default=None, help="default: outputs/<config name>")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
     p.add_argument("--eval-only", action="store_true", help="evaluate the latest checkpoint and exit")
+    p.add_argument("--plan", type=int, metavar="WORLD_SIZE", default=None,
+                   help="print what a job of WORLD_SIZE ranks would run (batch, lr, BN groups) and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. solver.max_iter=100")
     return p.parse_args()
 
@@ -23,6 +25,9 @@ def parse_args():
 def main() -> int:
     args = parse_args()
     cfg = config.load(args.config, args.overrides)
+    if args.plan:
+        print(plan.describe(cfg, args.plan))
+        return 0
     out, log = app.start(cfg, args.output_dir)
     trainer = Trainer(cfg, out, log)
     if args.resume or args.eval_only:
