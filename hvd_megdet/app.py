@@ -3,6 +3,7 @@ turning any error on any rank into a logged, non-zero exit instead of a hang."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -25,6 +26,9 @@ def start(cfg: config_mod.Config, output_dir: str | None, write_config: bool = T
     except OSError as e:
         raise OSError(f"output directory {out} cannot be written: {e.strerror or e}") from None
     log = log_mod.setup(out, dist.rank())
+    # one line on every rank's stdout (SLURM's per-task files), pointing at the full log
+    print(f"hvd_megdet rank {dist.rank()}/{dist.size()} on {socket.gethostname()}: "
+          f"log {log_mod.rank_log_path(out, dist.rank())}", flush=True)
     log_mod.log_environment(log, dist.environment())
     if dist.is_main():
         log.info("output directory: %s", out)
@@ -39,11 +43,12 @@ def start(cfg: config_mod.Config, output_dir: str | None, write_config: bool = T
     return out, log
 
 
-def run(main) -> None:
+def run(main, init_horovod: bool = True) -> None:
     """Run ``main() -> exit code`` on this rank; on an exception, log it with the rank and exit 1
     at once (``os._exit``: no interpreter teardown that could wait on dead peers)."""
     try:
-        dist.init()
+        if init_horovod:
+            dist.init()
         code = main()
     except BaseException as e:  # noqa: BLE001 - every failure must end the job, never hang it
         if isinstance(e, SystemExit) and not e.code:

@@ -1,30 +1,27 @@
 #!/usr/bin/env bash
-# A throwaway single-node SLURM cluster on localhost, entirely inside one private folder
+# A throwaway SLURM cluster on localhost, entirely inside one private folder
 # (Debian's slurmctld, slurmd, slurm-client, munge; libpmix-dev for srun --mpi=pmix).
 #
-#   scripts/local_slurm.sh start DIR [NODES_CONF]   start; prints the SLURM_CONF to export
-#   scripts/local_slurm.sh stop DIR                 cancel jobs, stop every daemon it started
-#   scripts/local_slurm.sh conf DIR NODES_CONF      only write DIR/slurm.conf (for sbatch --test-only)
+#   scripts/local_slurm.sh start DIR                 this machine as one node (from `slurmd -C`)
+#   scripts/local_slurm.sh start-fake DIR N GPUS CPUS
+#                                                    N pretend nodes gpu01..gpuN with GPUS GPUs and
+#                                                    CPUS CPUs each (one slurmd per node, resources
+#                                                    taken from the config): for sbatch --test-only
+#   scripts/local_slurm.sh stop DIR                  cancel jobs, stop every daemon it started
 #
-# NODES_CONF: NodeName/PartitionName lines to use instead of this machine's `slurmd -C`.
+# start prints the line to eval: export SLURM_CONF=DIR/slurm.conf
 set -euo pipefail
 
 cmd=${1:-}; DIR=${2:-}
-[ -n "$cmd" ] && [ -n "$DIR" ] || { sed -n '2,10p' "$0"; exit 2; }
+[ -n "$cmd" ] && [ -n "$DIR" ] || { sed -n '2,12p' "$0"; exit 2; }
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 export SLURM_CONF="$DIR/slurm.conf"
-# private ports, derived from the folder so that two clusters on one machine do not collide
+# private ports, derived from the folder, so that two clusters on one machine do not collide
 PORT=$(( 20000 + $(printf '%s' "$DIR" | cksum | cut -d' ' -f1) % 20000 ))
 
-write_conf() {
-  local nodes
-  if [ -n "${1:-}" ]; then nodes=$(cat "$1")
-  else
-    nodes="$(slurmd -C | head -n1 | sed 's/ *$//') NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
-  fi
-  mkdir -p "$DIR"/{munge,spool/ctld,spool/d,log,run}
+write_conf() {  # write_conf NODE_LINES [EXTRA_LINES]
+  mkdir -p "$DIR"/{munge,spool/ctld,log,run}
   cat > "$SLURM_CONF" <<EOF
 ClusterName=hvdlocal
 SlurmctldHost=$(hostname -s)(127.0.0.1)
@@ -36,11 +33,11 @@ AuthType=auth/munge
 AuthInfo=socket=$DIR/munge/munge.socket
 CredType=cred/munge
 StateSaveLocation=$DIR/spool/ctld
-SlurmdSpoolDir=$DIR/spool/d
+SlurmdSpoolDir=$DIR/spool/d-%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -58,52 +55,85 @@ InactiveLimit=0
 KillWait=5
 MinJobAge=600
 GresTypes=gpu
-$nodes
+${2:-}
+$1
 EOF
 }
 
-start() {
-  for b in slurmctld slurmd munged sinfo sbatch; do
+need() {
+  for b in slurmctld slurmd munged sinfo sbatch scontrol; do
     command -v "$b" >/dev/null || { echo "local_slurm: '$b' not found: apt-get install slurmctld slurmd slurm-client munge libpmix-dev (or scripts/setup.sh --slurm)" >&2; exit 1; }
   done
-  write_conf "${1:-}"
-  chmod 755 "$DIR/munge"   # munge clients need to reach the socket
+}
+
+daemons() {  # daemons NODE_NAME... : munge, slurmctld, one slurmd per name; wait until all idle
+  chmod 755 "$DIR/munge"   # munge clients must reach the socket
   [ -f "$DIR/munge/munge.key" ] || { head -c 1024 /dev/urandom > "$DIR/munge/munge.key"; chmod 400 "$DIR/munge/munge.key"; }
   munged --force --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket" \
          --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/seed"
   setsid slurmctld -D -i -f "$SLURM_CONF" >>"$DIR/log/slurmctld.out" 2>&1 < /dev/null &
-  echo $! > "$DIR/run/slurmctld.pid.started"
-  setsid slurmd -D -f "$SLURM_CONF" >>"$DIR/log/slurmd.out" 2>&1 < /dev/null &
-  echo $! > "$DIR/run/slurmd.pid.started"
+  echo $! > "$DIR/run/slurmctld.started"
+  for n in "$@"; do
+    setsid slurmd -D -N "$n" -f "$SLURM_CONF" >>"$DIR/log/slurmd-$n.out" 2>&1 < /dev/null &
+    echo $! > "$DIR/run/slurmd-$n.started"
+  done
   for _ in $(seq 1 150); do
-    if sinfo -h -o '%T' 2>/dev/null | grep -qx idle; then
+    if [ "$(sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l)" -eq $# ]; then
       echo "export SLURM_CONF=$SLURM_CONF"
       return 0
     fi
     sleep 0.2
   done
-  echo "local_slurm: the node did not become idle in 30 s; logs in $DIR/log:" >&2
+  echo "local_slurm: nodes not idle after 30 s; logs in $DIR/log:" >&2
+  sinfo -R >&2 2>/dev/null || true
   tail -n 20 "$DIR"/log/*.log >&2 || true
   stop; exit 1
 }
 
+start() {
+  need
+  local name
+  name=$(hostname -s)
+  write_conf "$(slurmd -C | head -n1 | sed 's/ *$//') NodeAddr=127.0.0.1 State=UNKNOWN
+PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+  daemons "$name"
+}
+
+start_fake() {  # N GPUS CPUS
+  need
+  local n=$1 gpus=$2 cpus=$3 lines="" names=()
+  mkdir -p "$DIR/dev"
+  for g in $(seq 0 $((gpus - 1))); do : > "$DIR/dev/nvidia$g"; done   # device files for gres.conf
+  for i in $(seq 1 "$n"); do
+    names+=("$(printf 'gpu%02d' "$i")")
+    lines+="NodeName=${names[-1]} NodeAddr=127.0.0.1 Port=$((PORT + 10 + i)) CPUs=$cpus Gres=gpu:$gpus RealMemory=1000 State=UNKNOWN"$'\n'
+  done
+  lines+="PartitionName=gpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+  # slurmd reports this machine's hardware; take the node's resources from the config instead
+  write_conf "$lines" "SlurmdParameters=config_overrides"
+  if [ "$gpus" -gt 0 ]; then
+    echo "NodeName=gpu[01-$(printf '%02d' "$n")] Name=gpu File=$DIR/dev/nvidia[0-$((gpus - 1))]" > "$DIR/gres.conf"
+  fi
+  daemons "${names[@]}"
+}
+
 stop() {
-  if [ -f "$DIR/run/slurmctld.pid.started" ]; then
+  if [ -f "$DIR/run/slurmctld.started" ]; then
     scancel --full --quiet $(squeue -h -o %i 2>/dev/null) 2>/dev/null || true
     for _ in $(seq 1 50); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.2; done
   fi
-  for f in slurmd.pid.started slurmctld.pid.started munged.pid; do
-    [ -f "$DIR/run/$f" ] || continue
-    pid=$(cat "$DIR/run/$f"); kill "$pid" 2>/dev/null || true
+  for f in "$DIR"/run/slurmd-*.started "$DIR/run/slurmctld.started" "$DIR/run/munged.pid"; do
+    [ -f "$f" ] || continue
+    pid=$(cat "$f"); kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 25); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     kill -9 "$pid" 2>/dev/null || true
-    rm -f "$DIR/run/$f"
+    rm -f "$f"
   done
 }
 
 case "$cmd" in
-  start) start "${3:-}" ;;
+  start) start ;;
+  start-fake) start_fake "${3:?N}" "${4:?GPUS}" "${5:?CPUS}" ;;
   stop) stop ;;
-  conf) write_conf "${3:?NODES_CONF}"; echo "export SLURM_CONF=$SLURM_CONF" ;;
   *) echo "local_slurm: unknown command '$cmd'" >&2; exit 2 ;;
 esac

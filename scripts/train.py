@@ -22,8 +22,7 @@ def parse_args():
     return p.parse_args()
 
 
-def main() -> int:
-    args = parse_args()
+def main(args) -> int:
     cfg = config.load(args.config, args.overrides)
     if args.plan:
         print(plan.describe(cfg, args.plan))
@@ -41,4 +40,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    ARGS = parse_args()
+    app.run(lambda: main(ARGS), init_horovod=ARGS.plan is None)  # --plan runs no job

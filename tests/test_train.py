@@ -105,6 +105,9 @@ CASES = {
     "bn_group": (lambda root: ["model.bn_group_size=3"], "BN group size 3 does not divide the world size 2"),
     "too_small": (lambda root: ["solver.images_per_rank=8"], "too small for one batch of 8 per rank on 2"),
     "unwritable_output": (lambda root: [], "cannot be written"),
+    # a diverging run: every rank stops at the same iteration, naming it and the rank(s)
+    "nonfinite_loss": (lambda root: ["solver.base_lr=1e12", "solver.warmup_iters=0", "solver.max_iter=40",
+                                     "solver.steps=[30]"], r"non-finite loss at iteration \d+ on rank\(s\) \["),
 }
 
 

@@ -2,7 +2,7 @@
 
 ``root/train/*.jpg``, ``root/val/*.jpg``, ``root/annotations/instances_{train,val}.json``.
 Three classes (rectangle, ellipse, triangle), 1-6 objects per image from COCO
-"small" (< 32² px) to large, overlaps allowed, on a textured noisy background.
+"small" (< 32² px) to "large" (> 96² px), overlaps allowed, on a textured noisy background.
 Deterministic by seed; generated once into a cache folder (atomically) and reused.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES = ("rectangle", "ellipse", "triangle")
-VERSION = 1  # bump when the generator changes: it is part of the cache folder name
+VERSION = 2  # bump when the generator changes: it is part of the cache folder name
 
 
 def default_root(n_train: int, n_val: int, size: int, seed: int) -> Path:
@@ -31,21 +31,25 @@ def _background(rng: np.random.RandomState, size: int) -> np.ndarray:
     c0, c1 = rng.uniform(40, 200, 3), rng.uniform(40, 200, 3)
     t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))[..., None]
     img = c0 + (c1 - c0) * (t - t.min()) / (np.ptp(t) + 1e-6)
-    blocks = rng.uniform(-30, 30, (8, 8, 3)).repeat(size // 8 + 1, 0).repeat(size // 8 + 1, 1)[:size, :size]
-    img = img + blocks + rng.normal(0, 12, (size, size, 3))
+    blocks = rng.uniform(-20, 20, (8, 8, 3)).repeat(size // 8 + 1, 0).repeat(size // 8 + 1, 1)[:size, :size]
+    img = img + blocks + rng.normal(0, 8, (size, size, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def _draw_image(rng: np.random.RandomState, size: int):
     img = Image.fromarray(_background(rng, size))
     draw = ImageDraw.Draw(img)
+    # Sizes log-uniform from 10 px to 7/8 of the image: COCO small, medium and (a few) large.
+    # Drawn largest first, so that small objects stay visible on top of large ones.
+    n = rng.randint(1, 7)
+    sides = np.exp(rng.uniform(np.log(10), np.log(size * 7 / 8), n))
+    aspects = np.exp(rng.uniform(np.log(0.7), np.log(1.4), n))
     objects = []
-    for _ in range(rng.randint(1, 7)):
+    for side, aspect in sorted(zip(sides, aspects), reverse=True):
         cls = rng.randint(len(CLASSES))
-        w, h = (int(v) for v in rng.randint(8, min(57, size // 2), 2))
-        if cls == 2:
-            h = w  # equilateral-ish triangles read better
-        x0, y0 = int(rng.randint(0, size - w)), int(rng.randint(0, size - h))
+        w = int(np.clip(round(side * aspect ** 0.5), 8, size))
+        h = int(np.clip(round(side / aspect ** 0.5), 8, size))
+        x0, y0 = int(rng.randint(0, size - w + 1)), int(rng.randint(0, size - h + 1))
         color = tuple(int(v) for v in rng.randint(0, 256, 3))
         box = [x0, y0, x0 + w - 1, y0 + h - 1]
         if cls == 0:
