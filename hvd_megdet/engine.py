@@ -57,6 +57,7 @@ class Trainer:
         self.model = build_model(cfg, self.val_ds.num_classes).to(self.device)
         dist.seed_all(cfg.train.seed, per_rank=True)  # per-rank RNG (RPN/ROI sampling); saved in checkpoints
         self.optimizer = optim.build_optimizer(self.model, cfg.solver, self.sched.lr_at(0))
+        dist.broadcast_parameters(self.model.state_dict())  # every rank starts from rank 0's weights
         self.amp = cfg.solver.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.iteration = 0

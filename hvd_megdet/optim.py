@@ -16,8 +16,8 @@ def param_groups(model: nn.Module, solver: SolverConfig) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:
             (norm if id(p) in norm_ids else other).append(p)
-    return [{"params": other, "weight_decay": solver.weight_decay, "name": "default"},
-            {"params": norm, "weight_decay": solver.weight_decay_norm, "name": "norm"}]
+    return [{"params": other, "weight_decay": solver.weight_decay},
+            {"params": norm, "weight_decay": solver.weight_decay_norm}]
 
 
 def build_optimizer(model: nn.Module, solver: SolverConfig, lr: float):

@@ -138,7 +138,7 @@ def test_128_gpu_template(tmp_path):
     assert dry.returncode == 0, dry.stderr
     assert "nodes: 16" in dry.stdout and "tasks: 128 (8 per node)" in dry.stdout and "GPUs per node: 8" in dry.stdout
     launch = next(line for line in dry.stdout.splitlines() if line.startswith("launch: "))
-    assert launch.startswith("launch: srun --mpi=pmix --kill-on-bad-exit=1 --output=")
+    assert launch.startswith("launch: srun --mpi=pmix --kill-on-bad-exit=1 --open-mode=append --output=")
     assert f"{REPO}/outputs/megdet_r50_fpn-4242/slurm/rank-%t.out" in launch
     assert "scripts/train.py --config megdet_r50_fpn" in launch and "--resume" in launch
     plan = json.loads(next(line for line in dry.stdout.splitlines() if line.startswith("plan "))[5:])
