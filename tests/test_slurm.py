@@ -107,12 +107,14 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
 def test_failing_rank_fails_the_job(cluster, tmp_path):
     out = tmp_path / "run"
     job = submit([str(REPO / "slurm/smoke.sh")], cluster, tmp_path,
-                 {"OUTPUT_DIR": str(out), "EXTRA": "solver.max_iter=10 solver.steps=[5] model.bn_group_size=3"})
+                 {"OUTPUT_DIR": str(out), "EXTRA": f"data.dataset=coco data.root={tmp_path}/nowhere"})
     info = wait_for(job, cluster, timeout=200)
     log = batch_output(tmp_path, job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", log
     for r in range(2):
-        assert "BN group size 3 does not divide the world size 2" in (out / "slurm" / f"rank-{r}.out").read_text()
+        for f in (out / "slurm" / f"rank-{r}.out", out / "logs" / f"rank-{r:05d}.log"):
+            text = f.read_text()
+            assert f"rank {r}/2: DataError: annotation file not found: {tmp_path}/nowhere" in text, text
 
 
 def test_128_gpu_template(tmp_path):

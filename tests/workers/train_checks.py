@@ -23,6 +23,7 @@ def param_digest(model) -> str:
 
 
 def checks(args):
+    dist.init()
     overrides = json.loads(args.overrides)
     iters = int(args.iters)
     base = Path(args.out)
