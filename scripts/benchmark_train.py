@@ -46,7 +46,7 @@ def worker(out: str, iters: int, warmup: int, r50: bool) -> None:
                       "images_per_s": iters * cfg.solver.images_per_rank * dist.size() / sec}
     if r50 and dist.size() == 1:
         cfg = config.load("megdet_r50_fpn", [
-            "data.dataset=shapes", "data.root=", "data.train_images=train", "data.val_images=val",
+            "data.dataset=shapes", "data.root=''", "data.train_images=train", "data.val_images=val",
             "data.train_annotations=annotations/instances_train.json",
             "data.val_annotations=annotations/instances_val.json", "data.min_size=256", "data.max_size=256",
             "data.workers=0", "model.bn_group_size=0", "train.checkpoint_period=100000", "train.log_period=1"])
