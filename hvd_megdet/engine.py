@@ -24,6 +24,9 @@ from hvd_megdet.lr_schedule import Schedule
 from hvd_megdet.model import build_model, describe_norms
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on a signal after checkpointing; resume with --resume
+# Written by rank 0 once that checkpoint is complete. srun may kill the slower ranks when the first
+# one exits 75 (--kill-on-bad-exit), so job scripts requeue on this file, not on the exit code.
+PREEMPTED_MARKER = "PREEMPTED"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -178,6 +181,8 @@ class Trainer:
                     self.log.warning("stop requested (signal on some rank) at iteration %d: checkpointing",
                                      self.iteration)
                     self.save_checkpoint()
+                    if dist.is_main():  # job scripts requeue on this file, whatever srun's exit code
+                        (self.out / PREEMPTED_MARKER).write_text(f"{self.iteration}\n")
                     return PREEMPTED_EXIT_CODE
                 if self.iteration % cfg.train.checkpoint_period == 0 or self.iteration == end:
                     self.save_checkpoint()

@@ -66,13 +66,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 VPY="$VENV/bin/python"
-PIP=("$VPY" -m pip install -q --disable-pip-version-check)
+# pip install, without the warnings some machines' pip config prints for every package
+pip_install() {
+  "$VPY" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 if ! "$VPY" -c "import torch, torchvision; assert torch.__version__.startswith('$TORCH_VERSION') and torchvision.__version__.startswith('$TORCHVISION_VERSION')" 2>/dev/null; then
   say "installing torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION (large; taken from the local wheel cache when present)"
-  "${PIP[@]}" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+  pip_install "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
 say "installing Python dependencies"
-"${PIP[@]}" -r "$REPO/requirements.txt"
+pip_install -r "$REPO/requirements.txt"
 
 # --- Horovod (built once, cached) --------------------------------------
 FLAVOUR=cpu
@@ -103,11 +106,14 @@ else
            HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
     export MAKEFLAGS="-j$(nproc)"
     if [ "$FLAVOUR" = nccl ]; then
-      # GPU cluster: NCCL from the nvidia-nccl wheel unless HOROVOD_NCCL_HOME is set.
+      # GPU cluster: NCCL unless HOROVOD_NCCL_HOME is set (e.g. from a module) comes from the
+      # nvidia-nccl wheel that torch's CUDA build already installed (nvidia/nccl/{include,lib}).
       export HOROVOD_GPU_OPERATIONS=NCCL
       if [ -z "${HOROVOD_NCCL_HOME:-}" ]; then
-        "${PIP[@]}" nvidia-nccl-cu12
-        HOROVOD_NCCL_HOME=$("$VPY" -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__) + "/nccl" if False else list(nvidia.nccl.__path__)[0])')
+        HOROVOD_NCCL_HOME=$("$VPY" -c 'import nvidia.nccl as n; print(list(n.__path__)[0])') \
+          || die "no NCCL: install torch's nvidia-nccl wheel or set HOROVOD_NCCL_HOME"
+        # the wheel ships only libnccl.so.2; CMake's FindNCCL looks for libnccl.so
+        [ -e "$HOROVOD_NCCL_HOME/lib/libnccl.so" ] || ln -s libnccl.so.2 "$HOROVOD_NCCL_HOME/lib/libnccl.so"
         export HOROVOD_NCCL_HOME HOROVOD_NCCL_LINK=SHARED
       fi
       export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -132,13 +138,13 @@ else
     echo "cached wheel in $WHEELDIR (build log $LOG)"
   fi
   say "installing horovod from $WHEELDIR"
-  "${PIP[@]}" --no-deps --force-reinstall "$WHEELDIR"/horovod-*.whl
-  "${PIP[@]}" cffi cloudpickle psutil pyyaml packaging  # horovod's runtime deps
+  pip_install --no-deps --force-reinstall "$WHEELDIR"/horovod-*.whl
+  pip_install cffi cloudpickle psutil pyyaml packaging  # horovod's runtime deps
 fi
 
 # --- The project --------------------------------------------------------
 say "installing hvd_megdet (editable)"
-"${PIP[@]}" --no-deps --no-build-isolation -e "$REPO"
+pip_install --no-deps --no-build-isolation -e "$REPO"
 
 say "horovodrun --check-build"
 "$VENV/bin/horovodrun" --check-build
