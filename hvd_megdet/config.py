@@ -91,7 +91,6 @@ class TrainConfig:
     eval_images: int = 0                  # 0 = the whole val set
     num_visualizations: int = 8
     threads_per_rank: int = 0             # torch threads on CPU; 0 = leave torch's default
-    max_nonfinite: int = 0                # tolerated non-finite losses before stopping (0 = stop at once)
 
 
 @dataclass(frozen=True)

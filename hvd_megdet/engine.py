@@ -189,15 +189,15 @@ class Trainer:
                 if cfg.train.eval_period and self.iteration % cfg.train.eval_period == 0 \
                         and self.iteration < sched.max_iter:
                     self.evaluate(writer)
+            if self.iteration == sched.max_iter:
+                self.evaluate(writer)
         finally:
             if progress:
                 progress.close()
             if metrics_file:
                 metrics_file.close()
-        if self.iteration == sched.max_iter:
-            self.evaluate(writer)
-        if writer:
-            writer.close()
+            if writer:
+                writer.close()
         return 0
 
     def evaluate(self, writer=None) -> dict:
