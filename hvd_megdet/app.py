@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hvd_megdet import dist
 from hvd_megdet import log as log_mod
 
 DEFAULT_OUTPUT_ROOT = "outputs"
+EXIT_GRACE_S = 2.0
 
 
 def start(cfg: config_mod.Config, output_dir: str | None, write_config: bool = True):
@@ -61,6 +63,9 @@ def run(main, init_horovod: bool = True) -> None:
         if not (logger.handlers and dist.is_main()):  # rank 0's log already went to the console
             print(f"ERROR {msg}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        # mpirun/srun tear the whole job down as soon as one rank exits non-zero; a short grace
+        # lets the other ranks, usually failing the same way, report their reason too.
+        time.sleep(EXIT_GRACE_S)
         os._exit(1)
     sys.stdout.flush()
     sys.stderr.flush()
