@@ -37,11 +37,10 @@ def start(cfg: config_mod.Config, output_dir: str | None, write_config: bool = T
         if write_config:
             (out / "config.yaml").write_text(config_mod.to_yaml(cfg))
     if cfg.model.norm == "syncbn":
-        dist.init(bn_group_size=cfg.model.bn_group_size or dist.size())
-        log.info("BN group: %d ranks x %d images = %d images per BN statistic (group %s)",
-                 cfg.model.bn_group_size or dist.size(), cfg.solver.images_per_rank,
-                 (cfg.model.bn_group_size or dist.size()) * cfg.solver.images_per_rank,
-                 dist.bn_group_ranks(cfg.model.bn_group_size or None))
+        group = cfg.model.bn_group_size or dist.size()
+        dist.init(bn_group_size=group)
+        log.info("BN group: %d ranks x %d images = %d images per BN statistic (ranks %s)", group,
+                 cfg.solver.images_per_rank, group * cfg.solver.images_per_rank, dist.bn_group_ranks(group))
     return out, log
 
 

@@ -74,10 +74,6 @@ def init(bn_group_size: int | Iterable[int] | None = None) -> None:
             _bn_sets[k] = mine
 
 
-def is_initialized() -> bool:
-    return hvd.is_initialized()
-
-
 def rank() -> int:
     return hvd.rank() if hvd.is_initialized() else 0
 
@@ -188,16 +184,6 @@ def average_scalars(values: dict[str, float], name: str = "average_scalars") -> 
     return dict(zip(keys, t.tolist()))
 
 
-def any_rank(flag: bool, name: str = "any_rank") -> list[int]:
-    """Ranks where ``flag`` is true, known on every rank (one small allreduce)."""
-    if size() == 1:
-        return [0] if flag else []
-    t = torch.zeros(size(), dtype=torch.int32)
-    t[rank()] = int(bool(flag))
-    t = hvd.allreduce(t, op=hvd.Sum, name=name)
-    return [r for r, v in enumerate(t.tolist()) if v]
-
-
 def broadcast_parameters(state_dict, root: int = 0) -> None:
     if size() > 1:
         hvd.broadcast_parameters(state_dict, root_rank=root)
@@ -240,8 +226,3 @@ def mpi_library_version() -> str | None:
         return MPI.Get_library_version().splitlines()[0].strip()
     except Exception:  # mpi4py missing or built against another MPI: not fatal for a log line
         return None
-
-
-def shutdown() -> None:
-    if hvd.is_initialized():
-        hvd.shutdown()

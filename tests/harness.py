@@ -29,7 +29,6 @@ def launcher_env(threads: int = 1, extra: dict | None = None) -> dict:
         "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
         "OMPI_MCA_rmaps_base_oversubscribe": "1",
-        "HOROVOD_CYCLE_TIME": env.get("HOROVOD_CYCLE_TIME", "0.1"),
     })
     env.update(extra or {})
     return env

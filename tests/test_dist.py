@@ -19,7 +19,6 @@ def test_collectives(tmp_path, controller, np_):
         assert res["gathered"] == [{"r": q, "sq": q * q} for q in ranks]
         assert res["bcast"] == {"from": np_ - 1, "payload": list(range(np_))}
         assert res["scalars"] == pytest.approx({"loss": sum(ranks) / np_, "one": 1.0})
-        assert res["flagged"] == [np_ - 1]
         assert res["env"]["horovod"] == "0.28.1" and res["env"]["device"] == "cpu"
     if np_ == 4:  # process sets {0,1} and {2,3}
         for r, res in enumerate(results):

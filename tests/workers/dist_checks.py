@@ -23,7 +23,6 @@ def checks(args):
     out["gathered"] = dist.allgather_object({"r": r, "sq": r * r})
     out["bcast"] = dist.broadcast_object({"from": r, "payload": list(range(r + 1))}, root=n - 1)
     out["scalars"] = dist.average_scalars({"loss": float(r), "one": 1.0})
-    out["flagged"] = dist.any_rank(r == n - 1)
     if groups:
         ps = dist.bn_group(2)
         out["group_ranks"] = dist.bn_group_ranks(2)
