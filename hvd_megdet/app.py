@@ -18,7 +18,8 @@ EXIT_GRACE_S = 2.0
 
 
 def start(cfg: config_mod.Config, output_dir: str | None, write_config: bool = True):
-    """Create the output folder and this rank's log; register BN groups. Returns (out, logger)."""
+    """Create the output folder and this rank's log. Returns (out, logger). (BN groups are
+    registered by the Trainer, for training only: evaluation runs on any world size.)"""
     out = Path(output_dir or Path(DEFAULT_OUTPUT_ROOT) / cfg.name).expanduser().resolve()
     try:
         (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -36,11 +37,6 @@ def start(cfg: config_mod.Config, output_dir: str | None, write_config: bool = T
         log.info("output directory: %s", out)
         if write_config:
             (out / "config.yaml").write_text(config_mod.to_yaml(cfg))
-    if cfg.model.norm == "syncbn":
-        group = cfg.model.bn_group_size or dist.size()
-        dist.init(bn_group_size=group)
-        log.info("BN group: %d ranks x %d images = %d images per BN statistic (ranks %s)", group,
-                 cfg.solver.images_per_rank, group * cfg.solver.images_per_rank, dist.bn_group_ranks(group))
     return out, log
 
 

@@ -1,5 +1,9 @@
 """Checkpoints: written by rank 0 atomically (temp file + rename), last K kept, loaded with
-``weights_only=True``. They hold model, optimizer, iteration, config and every rank's RNG state."""
+``weights_only=True``. They hold model, optimizer, AMP scaler, progress (images seen, iteration,
+world size), config and every rank's RNG state.
+
+Files are named by images seen, ``model_img<images>.pth``: the unit of progress that survives a
+change of world size (an iteration number does not, so it cannot order checkpoints)."""
 from __future__ import annotations
 
 import os
@@ -11,40 +15,45 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_NAME = re.compile(r"^model_(\d{7,})\.pth$")
+_NAME = re.compile(r"^model_img(\d{10,})\.pth$")
 
 
 def checkpoint_dir(output_dir) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def rng_state() -> dict:
-    """This process's RNG states as tensors and plain numbers (loadable with weights_only)."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG states as tensors and plain numbers (loadable with weights_only); on a
+    GPU rank, the CUDA generator of ``device`` (its own GPU, not the current default)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
     v, internal, gauss = state["python"]
     random.setstate((v, tuple(internal), gauss))
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save(output_dir, iteration: int, state: dict, keep: int) -> Path:
-    """Write ``model_<iteration>.pth`` atomically and delete all but the newest ``keep``."""
+def path_for(output_dir, images: int) -> Path:
+    return checkpoint_dir(output_dir) / f"model_img{images:010d}.pth"
+
+
+def save(output_dir, images: int, state: dict, keep: int) -> Path:
+    """Write ``model_img<images>.pth`` atomically and delete all but the newest ``keep``."""
     d = checkpoint_dir(output_dir)
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"model_{iteration:07d}.pth"
+    path = path_for(output_dir, images)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:

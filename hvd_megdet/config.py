@@ -47,9 +47,15 @@ class ModelConfig:
     tiny_widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     fpn_channels: int = 256
     norm: str = "syncbn"                  # syncbn | bn (local) | frozen (torchvision's FrozenBatchNorm2d)
-    bn_group_size: int = 16               # ranks per BN group (MegDet: 16 ranks x 2 images = 32); 0 = all
-    trainable_layers: int = 5             # backbone stages trained (5 = all, as MegDet)
-    backbone_weights: str = ""            # local .pth of an ImageNet backbone ("" = random init)
+    # BN size, set one of the two (neither = the whole world): in images, MegDet's unit (32 is the
+    # paper's best; groups of bn_size / images_per_rank ranks, the whole world where it has fewer),
+    # or in ranks (must divide the world size).
+    bn_size: int = 0                      # images per BN statistic; 0 = not set
+    bn_group_size: int = 0                # ranks per BN group; 0 = not set
+    trainable_layers: int = 5             # backbone stages trained (5 = all, as MegDet); frozen ones use
+                                          # FrozenBatchNorm2d
+    backbone_weights: str = ""            # "" = random init, a local .pth of an ImageNet ResNet, or a
+                                          # torchvision name (IMAGENET1K_V1, IMAGENET1K_V2) from TORCH_HOME
     representation_size: int = 1024       # box head MLP width
     box_detections_per_img: int = 100
     rpn_pre_nms_top_n_train: int = 2000
@@ -85,7 +91,9 @@ class SolverConfig:
 class TrainConfig:
     seed: int = 42
     log_period: int = 20
+    # periods are iterations at solver.reference_batch (i.e. images / reference_batch), like max_iter
     checkpoint_period: int = 5000
+    checkpoint_minutes: float = 30.0      # also checkpoint when this much time passed since the last one; 0 = off
     keep_checkpoints: int = 3
     eval_period: int = 0                  # 0 = only at the end
     eval_images: int = 0                  # 0 = the whole val set
@@ -173,7 +181,13 @@ def validate(cfg: Config) -> None:
         ("data.shapes_image_size", d.shapes_image_size >= 64, "must be >= 64"),
         ("model.backbone", m.backbone in ("resnet50", "resnet18", "tiny"), "must be resnet50, resnet18 or tiny"),
         ("model.norm", m.norm in ("syncbn", "bn", "frozen"), "must be syncbn, bn or frozen"),
-        ("model.bn_group_size", m.bn_group_size >= 0, "must be >= 0 (0 = all ranks)"),
+        ("model.bn_group_size", m.bn_group_size >= 0, "must be >= 0 (0 = not set)"),
+        ("model.bn_size", m.bn_size >= 0, "must be >= 0 (0 = not set)"),
+        ("model.bn_size", not (m.bn_size and m.bn_group_size),
+         f"set either model.bn_size (images) or model.bn_group_size (ranks), not both "
+         f"(model.bn_group_size = {m.bn_group_size}; unset one with =0)"),
+        ("model.bn_size", m.bn_size % s.images_per_rank == 0,
+         f"must be a multiple of solver.images_per_rank = {s.images_per_rank}"),
         ("model.trainable_layers", 0 <= m.trainable_layers <= 5, "must be in [0, 5]"),
         ("model.tiny_widths", len(m.tiny_widths) == 4 and all(w > 0 for w in m.tiny_widths),
          "must be 4 positive widths"),
@@ -194,6 +208,7 @@ def validate(cfg: Config) -> None:
         ("solver.backward_passes_per_step", s.backward_passes_per_step >= 1, "must be >= 1"),
         ("train.log_period", t.log_period > 0, "must be > 0"),
         ("train.checkpoint_period", t.checkpoint_period > 0, "must be > 0"),
+        ("train.checkpoint_minutes", t.checkpoint_minutes >= 0, "must be >= 0 (0 = off)"),
         ("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be >= 1"),
         ("train.eval_period", t.eval_period >= 0, "must be >= 0"),
         ("train.eval_images", t.eval_images >= 0, "must be >= 0"),

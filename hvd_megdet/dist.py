@@ -50,6 +50,10 @@ def init(bn_group_size: int | Iterable[int] | None = None) -> None:
             # on 2 ranks / 2 cores). Read by MPI_Init inside hvd.init; the user's value wins.
             os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
         hvd.init(process_sets="dynamic")
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            # Before any CUDA work: otherwise every rank's first allocation, NCCL communicator and
+            # default-device RNG land on cuda:0.
+            torch.cuda.set_device(device())
     sizes = [] if bn_group_size is None else (
         [bn_group_size] if isinstance(bn_group_size, int) else list(bn_group_size))
     world = hvd.size()
@@ -137,9 +141,12 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def seed_all(seed: int, per_rank: bool = True) -> int:
-    """Seed python, numpy and torch; ``seed + rank`` when ``per_rank``. Returns the seed used."""
+def seed_all(seed: int, per_rank: bool = True, salt: int = 0) -> int:
+    """Seed python, numpy and torch (all devices); ``seed + rank`` when ``per_rank``, mixed with
+    ``salt`` when given (e.g. images seen, to re-derive streams on resume). Returns the seed used."""
     s = seed + (rank() if per_rank else 0)
+    if salt:
+        s = (s * 1_000_003 + salt) % 2**63
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)

@@ -77,7 +77,7 @@ def save_visualizations(model, dataset: CocoDetection, indices: list[int], out_d
 
 
 def evaluate(model, dataset: CocoDetection, output_dir, iteration: int, batch_size: int, device,
-             max_images: int = 0, num_visualizations: int = 0, log=None) -> dict:
+             max_images: int = 0, num_visualizations: int = 0, log=None, images_seen: int | None = None) -> dict:
     """Distributed evaluation; every rank returns the same metrics dict."""
     was_training = model.training
     model.eval()
@@ -91,7 +91,8 @@ def evaluate(model, dataset: CocoDetection, output_dir, iteration: int, batch_si
         all_dets = [d for part in gathered for d in part]
         image_ids = [dataset.ids[i] for i in range(n)]
         metrics = coco_metrics(dataset.coco, all_dets, image_ids)
-        metrics = {**metrics, "iteration": iteration, "images": n, "detections": len(all_dets)}
+        metrics = {**metrics, "iteration": iteration, "images_seen": images_seen, "images": n,
+                   "detections": len(all_dets)}
         eval_dir.mkdir(parents=True, exist_ok=True)
         _write_json(eval_dir / "detections.json", all_dets)
         _write_json(eval_dir / "metrics.json", metrics)

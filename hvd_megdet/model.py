@@ -2,7 +2,9 @@
 
 Backbones: ``resnet50`` / ``resnet18`` (torchvision), or ``tiny`` (a 4-stage
 ResNet of BasicBlocks with configurable widths, for the CPU demo). Backbone
-weights load from a local file only (never downloaded).
+weights: a local file, or a torchvision name (``IMAGENET1K_V1``) found in torch's hub
+cache (``TORCH_HOME``), downloaded there once per node where the network allows.
+Stages that are not trained (``trainable_layers < 5``) use ``FrozenBatchNorm2d``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import resnet
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.models import get_weight, resnet
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
@@ -25,10 +28,68 @@ from hvd_megdet.sync_bn import SyncBatchNorm
 NORM_TYPES = (SyncBatchNorm, nn.BatchNorm2d, FrozenBatchNorm2d)
 
 
-def norm_layer(cfg: ModelConfig):
+TORCHVISION_WEIGHTS = {"resnet50": "ResNet50_Weights", "resnet18": "ResNet18_Weights"}
+
+
+def norm_layer(cfg: ModelConfig, bn_group_ranks: int | None):
+    """``bn_group_ranks``: ranks per SyncBN group in training (plan.bn_groups); ``None`` = all ranks.
+    Evaluation never communicates, so any value works there."""
     if cfg.norm == "syncbn":
-        return partial(SyncBatchNorm, group_size=cfg.bn_group_size or None)
+        return partial(SyncBatchNorm, group_size=bn_group_ranks)
     return {"bn": nn.BatchNorm2d, "frozen": FrozenBatchNorm2d}[cfg.norm]
+
+
+def freeze_norms(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm (SyncBatchNorm included) by a FrozenBatchNorm2d with its weights and
+    running statistics: a frozen stage must not normalise with batch statistics nor communicate."""
+    if isinstance(module, _BatchNorm):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                src = getattr(module, name)
+                if src is not None:
+                    getattr(frozen, name).copy_(src)
+        return frozen.to(module.running_mean.device if module.running_mean is not None else None)
+    for name, child in module.named_children():
+        new = freeze_norms(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def backbone_weights_path(cfg: ModelConfig) -> tuple[Path, str | None] | None:
+    """Where ``model.backbone_weights`` lives: (local path, download URL or None); None if unset."""
+    w = cfg.backbone_weights
+    if not w:
+        return None
+    if w.upper().startswith("IMAGENET1K"):
+        if cfg.backbone not in TORCHVISION_WEIGHTS:
+            raise ValueError(f"model.backbone_weights={w}: torchvision has no weights for the "
+                             f"'{cfg.backbone}' backbone (give a local .pth)")
+        try:
+            weights = get_weight(f"{TORCHVISION_WEIGHTS[cfg.backbone]}.{w.upper()}")
+        except (ValueError, KeyError, AttributeError):
+            raise ValueError(f"model.backbone_weights={w}: not a torchvision weight of {cfg.backbone} "
+                             f"(e.g. IMAGENET1K_V1)") from None
+        return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name, weights.url
+    return Path(w).expanduser(), None
+
+
+def fetch_backbone_weights(cfg: ModelConfig, log=None) -> None:
+    """Download torchvision-named weights into the hub cache if absent (call on one rank per
+    node, then barrier). Never raises for the download: a missing file is reported by name, on
+    every rank, when the model is built."""
+    where = backbone_weights_path(cfg)
+    if where is None or where[1] is None or where[0].is_file():
+        return
+    path, url = where
+    try:
+        if log:
+            log.info("downloading %s to %s", url, path)
+        torch.hub.load_state_dict_from_url(url, model_dir=str(path.parent), map_location="cpu", progress=False)
+    except Exception as e:  # offline clusters: the error at build time says where to put the file
+        if log:
+            log.warning("could not download %s: %s", url, e)
 
 
 class TinyResNet(nn.Module):
@@ -47,9 +108,12 @@ class TinyResNet(nn.Module):
             cin = w
 
 
-def _load_backbone_weights(body: nn.Module, path: str) -> None:
-    p = Path(path).expanduser()
+def _load_backbone_weights(body: nn.Module, cfg: ModelConfig) -> None:
+    p, url = backbone_weights_path(cfg)
     if not p.is_file():
+        if url:
+            raise FileNotFoundError(f"model.backbone_weights={cfg.backbone_weights}: {p} not found and could not "
+                                    f"be downloaded: place {url} there (TORCH_HOME={torch.hub.get_dir()})")
         raise FileNotFoundError(f"model.backbone_weights: file not found: {p}")
     state = torch.load(p, map_location="cpu", weights_only=True)
     state = state.get("model", state) if isinstance(state, dict) else state
@@ -61,27 +125,30 @@ def _load_backbone_weights(body: nn.Module, path: str) -> None:
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
-    norm = norm_layer(cfg)
+def build_backbone(cfg: ModelConfig, bn_group_ranks: int | None = None) -> BackboneWithFPN:
+    norm = norm_layer(cfg, bn_group_ranks)
     if cfg.backbone == "tiny":
         body = TinyResNet(cfg.tiny_widths, norm)
         if cfg.backbone_weights:
-            _load_backbone_weights(body, cfg.backbone_weights)
+            _load_backbone_weights(body, cfg)
         return BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)}, list(cfg.tiny_widths),
                                cfg.fpn_channels)
     backbone = resnet_fpn_backbone(backbone_name=cfg.backbone, weights=None, norm_layer=norm,
                                    trainable_layers=cfg.trainable_layers)
     if cfg.backbone_weights:
-        _load_backbone_weights(backbone.body, cfg.backbone_weights)
+        _load_backbone_weights(backbone.body, cfg)
+    for name, child in list(backbone.body.named_children()):  # stages torchvision froze (trainable_layers < 5)
+        if not any(p.requires_grad for p in child.parameters()):
+            setattr(backbone.body, name, freeze_norms(child))
     if cfg.fpn_channels != backbone.out_channels:
         raise ValueError(f"model.fpn_channels={cfg.fpn_channels}: torchvision's {cfg.backbone} FPN has "
                          f"{backbone.out_channels} channels")
     return backbone
 
 
-def build_model(cfg: Config, num_classes: int) -> FasterRCNN:
+def build_model(cfg: Config, num_classes: int, bn_group_ranks: int | None = None) -> FasterRCNN:
     m, d = cfg.model, cfg.data
-    backbone = build_backbone(m)
+    backbone = build_backbone(m, bn_group_ranks)
     anchors = AnchorGenerator(tuple((s,) for s in m.anchor_sizes), ((0.5, 1.0, 2.0),) * len(m.anchor_sizes))
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, m.representation_size)
     return FasterRCNN(

@@ -91,6 +91,7 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
         self.group_size = group_size
         self._name = f"syncbn.{next(_layer_ids)}"
+        self.last_group_count: torch.Tensor | None = None  # values per channel in the last group batch
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
@@ -115,17 +116,17 @@ class SyncBatchNorm(_BatchNorm):
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
         with torch.no_grad():
+            # No host synchronisation here (a GPU would stall once per layer): the count stays a
+            # tensor, and check_group_counts() reads every layer's at once, once per iteration.
             mean, var, count = self._group_stats(x, process_set)
-            if count <= 1:
-                raise ValueError(f"SyncBatchNorm {self._name}: expected more than 1 value per channel "
-                                 f"in the BN group when training, got {int(count)} (rank {dist.rank()})")
+            self.last_group_count = count
             if self.training and self.track_running_stats:
                 m = self._momentum()
-                unbiased = var * (count / (count - 1))
+                unbiased = var * (count / (count - 1).clamp(min=1.0))
                 self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
                 self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-        return _SyncBNFunction.apply(x, self.weight, self.bias, mean, var, self.eps, count, process_set,
-                                     self._name)
+        return _SyncBNFunction.apply(x, self.weight, self.bias, mean, var, self.eps, count.clamp(min=1.0),
+                                     process_set, self._name)
 
     def _local_bn(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.track_running_stats:
@@ -152,13 +153,49 @@ class SyncBatchNorm(_BatchNorm):
             s2 = d.square_().sum(_reduce_dims(x)).double()
             k = shift.double()
         stats = torch.cat([n * k + s1, s2 + 2 * k * s1 + n * k * k,
-                           torch.tensor([float(n)], dtype=torch.float64, device=x.device)])
+                           torch.full((1,), float(n), dtype=torch.float64, device=x.device)])  # no host copy
         stats = dist.allreduce(stats, op=dist.Sum, name=self._name + ".fwd", process_set=process_set)
-        count = float(stats[-1])
-        total = max(count, 1.0)
+        count = stats[-1]
+        total = count.clamp(min=1.0)
         g_mean = stats[:c] / total
         g_var = (stats[c:2 * c] / total - g_mean * g_mean).clamp(min=0.0)
-        return g_mean.float(), g_var.float(), count
+        return g_mean.float(), g_var.float(), count.float()
+
+
+def check_group_counts(model: nn.Module) -> None:
+    """Raise if a SyncBatchNorm's last training batch had at most one value per channel in its
+    whole BN group (its variance is meaningless). One host read for all layers together."""
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, SyncBatchNorm) and m.last_group_count is not None]
+    if not layers:
+        return
+    counts = torch.stack([m.last_group_count.to("cpu", non_blocking=True) for _, m in layers]).tolist()
+    for (name, m), c in zip(layers, counts):
+        m.last_group_count = None
+        if c <= 1:
+            raise ValueError(f"SyncBatchNorm {name or m._name}: expected more than 1 value per channel in the "
+                             f"BN group when training, got {int(c)} (rank {dist.rank()})")
+
+
+def average_running_stats(model: nn.Module, name: str = "bn_running_stats") -> int:
+    """Make every rank hold the same BN running statistics: the mean over all ranks.
+
+    Each BN group keeps its own exponential averages (its own batches); evaluation and
+    checkpoints need one model. All running means and variances travel in ONE fp64 allreduce
+    (the average of the groups' averages: with equal groups, the mean of the groups' EMAs of
+    the mean, and of the variance — not the variance of the pooled batch). Collective: call
+    on every rank. Returns the number of layers averaged.
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if dist.size() == 1 or not bns:
+        return len(bns)
+    bufs = [b for m in bns for b in (m.running_mean, m.running_var)]
+    flat = torch.cat([b.detach().double().flatten() for b in bufs])
+    flat = dist.allreduce(flat, op=dist.Average, name=name)
+    with torch.no_grad():
+        for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+            b.copy_(v.view_as(b))
+    return len(bns)
 
 
 def convert_sync_batchnorm(module: nn.Module, group_size: int | None = None,

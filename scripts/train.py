@@ -17,9 +17,9 @@ def parse_args():
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
     p.add_argument("--eval-only", action="store_true", help="evaluate the latest checkpoint and exit")
     p.add_argument("--plan", type=int, metavar="WORLD_SIZE", default=None,
-                   help="print what a job of WORLD_SIZE ranks would run (batch, lr, BN groups) and exit")
+                   help="print what a job of WORLD_SIZE ranks would run (batch, lr, BN groups, periods) and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. solver.max_iter=100")
-    return p.parse_args()
+    return p.parse_intermixed_args()  # options and overrides in any order
 
 
 def main(args) -> int:
@@ -28,7 +28,7 @@ def main(args) -> int:
         print(plan.describe(cfg, args.plan))
         return 0
     out, log = app.start(cfg, args.output_dir)
-    trainer = Trainer(cfg, out, log)
+    trainer = Trainer(cfg, out, log, training=not args.eval_only)
     if args.resume or args.eval_only:
         trainer.load_checkpoint(checkpoint.latest(out))
     if args.eval_only:

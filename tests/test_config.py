@@ -10,10 +10,10 @@ def test_shipped_configs_load():
     tiny = config.load()
     assert tiny.name == "shapes_tiny" and tiny.data.dataset == "shapes" and tiny.model.norm == "syncbn"
     m = config.load("megdet_r50_fpn")
-    assert (m.model.backbone, m.model.bn_group_size, m.solver.images_per_rank) == ("resnet50", 16, 2)
+    assert (m.model.backbone, m.model.bn_size, m.solver.images_per_rank) == ("resnet50", 32, 2)
     assert (m.data.min_size, m.data.max_size, m.solver.momentum, m.solver.weight_decay) == (800, 1333, 0.9, 1e-4)
     long = config.load("megdet_r50_fpn_long")
-    assert long.solver.max_iter == 135000 and long.model.bn_group_size == 16  # inherits from its base
+    assert long.solver.max_iter == 135000 and long.model.bn_size == 32  # inherits from its base
 
 
 def test_overrides_and_roundtrip(tmp_path):
@@ -34,6 +34,9 @@ def test_overrides_and_roundtrip(tmp_path):
     (["model.norm=groupnorm"], "model.norm"),
     (["data.hflip_prob=2"], "data.hflip_prob"),
     (["justakey"], "key=value"),
+    (["model.bn_size=8", "model.bn_group_size=2"], "not both"),
+    (["model.bn_size=6"], "multiple of solver.images_per_rank = 4"),
+    (["train.checkpoint_minutes=-1"], "train.checkpoint_minutes"),
 ])
 def test_bad_overrides_name_the_key(overrides, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
@@ -51,3 +54,47 @@ def test_bad_files(tmp_path):
     typo.write_text("solver:\n  base_lrr: 0.1\n")
     with pytest.raises(ConfigError, match="base_lrr"):
         config.load(str(typo))
+
+
+@pytest.mark.parametrize("world, ranks, images, groups, notice", [
+    (128, 16, 32, 8, False), (64, 16, 32, 4, False), (16, 16, 32, 1, False),
+    (8, 8, 16, 1, True), (1, 1, 2, 1, True),   # fewer ranks than a group needs: the whole world
+])
+def test_bn_size_in_images(world, ranks, images, groups, notice):
+    from hvd_megdet import plan
+    bn = plan.resolve(config.load("megdet_r50_fpn"), world).bn
+    assert (bn.ranks, bn.images, bn.groups, bool(bn.notice)) == (ranks, images, groups, notice)
+    if notice:
+        assert f"BN size {images} images" in bn.notice
+
+
+def test_bn_groups_that_do_not_fit_are_rejected():
+    from hvd_megdet import plan
+    with pytest.raises(ConfigError, match="model.bn_size=32 is 16 ranks x 2 images, which does not divide the world size 24"):
+        plan.resolve(config.load("megdet_r50_fpn"), 24)
+    with pytest.raises(ConfigError, match="BN group size 3 does not divide the world size 4"):
+        plan.resolve(config.load("shapes_tiny", ["model.bn_group_size=3"]), 4)
+    # evaluation needs no BN groups: any world size
+    assert plan.resolve(config.load("shapes_tiny", ["model.bn_group_size=2"]), 3, training=False).bn is None
+    assert plan.resolve(config.load("shapes_tiny"), 3).bn.ranks == 3  # neither set: the whole world
+
+
+def test_plan_command_prints_groups_periods_and_notice():
+    import json
+    import subprocess
+    import sys
+    from tests.harness import REPO
+    outs = {}
+    for world in (128, 8):
+        res = subprocess.run([sys.executable, str(REPO / "scripts/train.py"), "--plan", str(world), "--config",
+                              "megdet_r50_fpn"], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert res.returncode == 0, res.stderr
+        outs[world] = res.stdout
+    big = json.loads(outs[128].splitlines()[-1][5:])
+    assert (big["bn_group_ranks"], big["bn_size_images"], big["bn_groups"]) == (16, 32, 8)
+    assert (big["warmup_iters"], big["checkpoint_period_iters"], big["checkpoint_minutes"]) == (469, 313, 30)
+    assert "groups of 16 ranks = BN size 32 images" in outs[128] and "NOTICE" not in outs[128]
+    assert "checkpoint every 313 iterations and every 30 min" in outs[128]
+    small = json.loads(outs[8].splitlines()[-1][5:])
+    assert (small["bn_group_ranks"], small["bn_size_images"], small["warmup_iters"]) == (8, 16, 7500)
+    assert "NOTICE: model.bn_size=32 needs 16 ranks" in outs[8] and "BN size 16 images" in outs[8]

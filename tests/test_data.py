@@ -1,4 +1,5 @@
 """Sampler disjointness / equal lengths / resume, and COCO loading + filtering through pycocotools."""
+import itertools
 import json
 
 import pytest
@@ -10,46 +11,66 @@ from hvd_megdet.data.sampler import DatasetTooSmall, DistributedGroupedBatchSamp
 from hvd_megdet.data.transforms import TrainTransform
 
 
-def make_samplers(n, world, batch, ratios=None, seed=3):
+def make_samplers(n, world, batch, ratios=None, seed=3, start=0):
     ratios = ratios or [1.5 if i % 3 else 0.7 for i in range(n)]
-    return [DistributedGroupedBatchSampler(ratios, batch, r, world, seed) for r in range(world)]
+    return [DistributedGroupedBatchSampler(ratios, batch, r, world, seed, start_images=start) for r in range(world)]
+
+
+def consume(samplers, steps):
+    """``steps`` global passes: every rank's next batch. Returns [(stream position, index)] in
+    stream order (the flip seed encodes the position)."""
+    streams = [iter(s) for s in samplers]
+    out = []
+    for _ in range(steps):
+        for st in streams:
+            out += [(seed - samplers[0].seed * 2**40, i) for i, seed in next(st)]
+    return out
 
 
 @pytest.mark.parametrize("n", [9, 17, 33, 101])
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
-def test_shards_disjoint_equal_length(n, world):
+def test_ranks_take_disjoint_slices_of_one_stream(n, world):
     batch = 2
-    if n // world < batch:
+    if n < batch * world:
         with pytest.raises(DatasetTooSmall, match=f"{n} images is too small"):
             make_samplers(n, world, batch)
         return
     samplers = make_samplers(n, world, batch)
-    for epoch in range(3):
-        per_rank = [s.epoch_batches(epoch) for s in samplers]
-        assert len({len(b) for b in per_rank}) == 1                     # same iterations everywhere
-        assert len(per_rank[0]) == (n // world) // batch
-        flat = [i for b in per_rank for batch_ in b for i in batch_]
-        assert len(flat) == len(set(flat))                              # disjoint
-        assert all(len(b) == batch for bs in per_rank for b in bs)
-    assert samplers[0].shard(0) != samplers[0].shard(1)                 # reshuffled per epoch
+    steps = 3 * n // (batch * world) + 1                                # three epochs and a bit
+    seen = consume(samplers, steps)
+    assert [p for p, _ in seen] == list(range(steps * batch * world))   # contiguous, no overlap
+    for e in range(3):                                                  # each epoch: every image once
+        assert sorted(i for p, i in seen if e * n <= p < (e + 1) * n) == list(range(n))
+    assert samplers[0].epoch_order(0) != samplers[0].epoch_order(1)     # reshuffled per epoch
 
 
 def test_aspect_ratio_grouping():
-    ratios = [2.0 if i % 2 else 0.5 for i in range(64)]
-    (s,) = make_samplers(64, 1, 4, ratios)
-    batches = s.epoch_batches(0)
-    pure = sum(len({ratios[i] >= 1 for i in b}) == 1 for b in batches)
-    assert pure >= len(batches) - 1  # at most the leftover batch mixes groups
+    ratios = [2.0 if i % 2 else 0.5 for i in range(1000)]
+    for world in (1, 2, 3):
+        batches = [b for s in make_samplers(1000, world, 4, ratios) for b in itertools.islice(iter(s), 200)]
+        mixed = sum(len({ratios[i] >= 1 for i, _ in b}) > 1 for b in batches)
+        assert mixed <= 0.05 * len(batches), (world, mixed)            # only where a slice crosses a run
 
 
-def test_resume_position_and_flip_seeds():
-    s = make_samplers(40, 2, 2)[1]
-    stream = iter(s.batches(0))
-    first = [next(stream) for _ in range(25)]           # crosses an epoch boundary (10 per epoch)
-    resumed = iter(s.batches(13))
-    assert [next(resumed) for _ in range(12)] == first[13:]
-    seeds = [seed for b in first for _, seed in b]
-    assert len(seeds) == len(set(seeds))
+@pytest.mark.parametrize("n", [33, 101, 250])
+@pytest.mark.parametrize("before, after, batch, steps", [
+    (2, 1, 2, 5), (2, 4, 2, 7), (4, 3, 2, 9), (1, 8, 2, 3), (8, 2, 4, 1), (3, 5, 1, 11)])
+def test_resume_on_another_world_size_repeats_and_skips_nothing(n, before, after, batch, steps):
+    """Interrupted after ``steps`` passes on ``before`` ranks, resumed at the same image count on
+    ``after`` ranks: the stream continues at the same position, same images, same flips."""
+    if n < batch * max(before, after):
+        pytest.skip("dataset smaller than one global batch")
+    first = consume(make_samplers(n, before, batch), steps)
+    resumed_at = steps * batch * before
+    epoch = resumed_at // n
+    rest = consume(make_samplers(n, after, batch, start=resumed_at), (2 * n) // (batch * after) + 1)
+    seen = first + rest
+    positions = [p for p, _ in seen]
+    assert positions == list(range(len(seen)))                          # nothing repeated or skipped
+    in_epoch = [i for p, i in seen if epoch * n <= p < (epoch + 1) * n]
+    assert sorted(in_epoch) == list(range(n))                           # the interrupted epoch: each image once
+    uninterrupted = consume(make_samplers(n, 1, 1), len(seen))
+    assert seen == uninterrupted                                        # the order is world-size independent
 
 
 def write_fixture(tmp_path):
@@ -97,7 +118,11 @@ def test_flip_is_exact_and_seeded(tmp_path):
     assert torch.equal(b, a.flip(-1))
     assert torch.allclose(tb["boxes"][:, 0], 64 - ta["boxes"][:, 2])
     half = CocoDetection(root / "train", ann, train=True, transform=TrainTransform(0.5))
-    assert torch.equal(half[(0, 123)][0], half[(0, 123)][0])  # same seed, same decision
+    again = CocoDetection(root / "train", ann, train=True, transform=TrainTransform(0.5))
+    flips = [torch.equal(half[(0, seed)][0], b) for seed in range(200)]
+    assert 0.38 < sum(flips) / len(flips) < 0.62                    # the flip rate is hflip_prob
+    for seed in range(20):                                          # a decision depends on its seed only
+        assert torch.equal(half[(0, seed)][0], again[(0, seed)][0])
 
 
 def test_bad_files_are_named(tmp_path):
@@ -109,8 +134,11 @@ def test_bad_files_are_named(tmp_path):
     with pytest.raises(DataError, match="not valid JSON: .*bad.json"):
         CocoDetection(root / "train", bad, train=True)
     (root / "train" / "000001.jpg").unlink()
-    with pytest.raises(DataError, match="000001.jpg"):
-        CocoDetection(root / "train", ann, train=True)
+    ds = CocoDetection(root / "train", ann, train=True)              # parsing alone never stats images
+    assert "000001.jpg" in ds.missing_files(threads=4)
+    with pytest.raises(DataError, match="cannot read image .*000001.jpg"):  # and lazily, by name
+        ds[[ds.coco.imgs[i]["file_name"] for i in ds.ids].index("000001.jpg")]
+    assert "image folder not found" in CocoDetection(root / "nowhere", ann, train=True).missing_files()
 
 
 def test_shapes_generator_deterministic(tmp_path):

@@ -42,10 +42,10 @@ def val_dataset(cfg: DataConfig) -> CocoDetection:
 
 
 def train_loader(dataset: CocoDetection, cfg: DataConfig, batch_size: int, rank: int, size: int,
-                 seed: int, start_iter: int) -> torch.utils.data.DataLoader:
-    """Endless loader from iteration ``start_iter``; the same number of batches per epoch on every rank."""
+                 seed: int, start_images: int) -> torch.utils.data.DataLoader:
+    """Endless loader from stream position ``start_images`` (images seen, all ranks together)."""
     sampler = DistributedGroupedBatchSampler(dataset.aspect_ratios(), batch_size, rank, size, seed,
-                                             cfg.aspect_ratio_grouping, start_iter)
+                                             cfg.aspect_ratio_grouping, start_images)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
         persistent_workers=cfg.workers > 0, pin_memory=torch.cuda.is_available(),

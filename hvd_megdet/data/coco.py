@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ class CocoDetection(torch.utils.data.Dataset):
     """Items are ``(image_tensor, target)``; indexed by ``(index, flip_seed)`` pairs from the sampler."""
 
     def __init__(self, image_dir: str | os.PathLike, ann_file: str | os.PathLike, train: bool,
-                 transform=None, check_files: bool = True):
+                 transform=None):
         self.image_dir = Path(image_dir)
         self.coco = load_coco(ann_file)
         self.ann_file = Path(ann_file)
@@ -74,17 +75,21 @@ class CocoDetection(torch.utils.data.Dataset):
             ids = [i for i in ids if valid_boxes(self.coco.imgToAnns.get(i, []),
                                                  self.coco.imgs[i]["width"], self.coco.imgs[i]["height"])[0]]
         self.ids = ids
-        if check_files:
-            self._check_files()
 
-    def _check_files(self) -> None:
+    def missing_files(self, threads: int = 32) -> str | None:
+        """Why the image files are unusable (folder or files missing), or None. Stats every file,
+        in ``threads`` threads (a shared filesystem answers many small requests in parallel):
+        call it on ONE rank and share the answer (dist.broadcast_object), not on every rank."""
         if not self.image_dir.is_dir():
-            raise DataError(f"image folder not found: {self.image_dir} (for {self.ann_file})")
-        missing = [self.coco.imgs[i]["file_name"] for i in self.ids
-                   if not (self.image_dir / self.coco.imgs[i]["file_name"]).is_file()]
+            return f"image folder not found: {self.image_dir} (for {self.ann_file})"
+        names = [self.coco.imgs[i]["file_name"] for i in self.ids]
+        with ThreadPoolExecutor(threads) as pool:
+            found = list(pool.map(os.path.isfile, (str(self.image_dir / f) for f in names), chunksize=256))
+        missing = [f for f, ok in zip(names, found) if not ok]
         if missing:
-            raise DataError(f"{len(missing)} image(s) listed in {self.ann_file} are missing from "
-                            f"{self.image_dir}, e.g. {missing[:3]}")
+            return (f"{len(missing)} image(s) listed in {self.ann_file} are missing from "
+                    f"{self.image_dir}, e.g. {missing[:3]}")
+        return None
 
     @property
     def num_classes(self) -> int:
