@@ -1,15 +1,20 @@
-"""The real Trainer on N ranks: loss falls, parameters identical on all ranks, resume == uninterrupted.
+"""The real Trainer on N ranks, in one launch (one process per rank).
 
-Runs (in one launch, one process per rank):
-  A: fresh, ``--iters`` iterations (to the end of the schedule: evaluates)
-  B: fresh, stopped at ``--iters // 2`` (checkpoint), then a new Trainer resumes to the end.
+``--mode resume``: A, fresh, to the end of the schedule (evaluates); B, fresh, stopped at half
+the images (checkpoint), then a new Trainer resumes to the end: loss falls, parameters identical
+on all ranks, resume == uninterrupted.
+
+``--mode groups``: one run with BN groups smaller than the world; every call that averages the
+BN running statistics (before each checkpoint and evaluation) is recorded on each rank with the
+statistics before and after, and every evaluation with the statistics it used.
 """
 import hashlib
 import json
 from pathlib import Path
 
+import torch
 
-from hvd_megdet import app, checkpoint, config, dist
+from hvd_megdet import app, checkpoint, config, dist, engine, sync_bn
 from hvd_megdet.engine import Trainer
 from tests.workers.common import main
 
@@ -22,36 +27,64 @@ def param_digest(model) -> str:
     return h.hexdigest()
 
 
-def checks(args):
-    dist.init()
-    overrides = json.loads(args.overrides)
-    iters = int(args.iters)
-    base = Path(args.out)
+def bn_stats(model) -> dict[str, list[float]]:
+    return {k: v.tolist() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
+
+def resume_checks(cfg, base: Path) -> dict:
     out = {}
-    cfg = config.load("shapes_tiny", overrides)
     out_a, log = app.start(cfg, base / "A")
     a = Trainer(cfg, out_a, log)
     a.train()
     out["A_digest"] = param_digest(a.model)
     out["A_digests_all_ranks"] = dist.allgather_object(out["A_digest"])
     out["A_sum"] = float(sum(p.double().sum() for p in a.model.parameters()))
-    if args.resume == "1":
-        out_b, log = app.start(cfg, base / "B")
-        b1 = Trainer(cfg, out_b, log)
-        b1.train(until=iters // 2)
-        out["B_checkpoints"] = [p.name for p in checkpoint.list_checkpoints(out_b)]
-        b2 = Trainer(cfg, out_b, log)
-        b2.load_checkpoint(checkpoint.latest(out_b))
-        out["B_resumed_at"] = b2.iteration
-        out["B_lr_at_resume"] = b2.optimizer.param_groups[0]["lr"]
-        b2.train()
-        out["B_digest"] = param_digest(b2.model)
-        out["B_sum"] = float(sum(p.double().sum() for p in b2.model.parameters()))
-        out["max_abs_diff"] = max(float((p - q).abs().max()) for p, q in
-                                  zip(a.model.state_dict().values(), b2.model.state_dict().values())
-                                  if p.dtype.is_floating_point)
+    out_b, log = app.start(cfg, base / "B")
+    b1 = Trainer(cfg, out_b, log)
+    half = b1.sched.total_images // 2
+    b1.train(until_images=half)
+    out["B_checkpoints"] = [p.name for p in checkpoint.list_checkpoints(out_b)]
+    b2 = Trainer(cfg, out_b, log)
+    b2.load_checkpoint(checkpoint.latest(out_b))
+    out["B_resumed_images"], out["B_resumed_iteration"] = b2.images, b2.iteration
+    b2.train()
+    out["B_lrs"] = [json.loads(line)["lr"] for line in (out_b / "metrics.jsonl").read_text().splitlines()] \
+        if dist.is_main() else []
+    out["B_sum"] = float(sum(p.double().sum() for p in b2.model.parameters()))
+    out["max_abs_diff"] = max(float((p - q).abs().max()) for p, q in
+                              zip(a.model.state_dict().values(), b2.model.state_dict().values())
+                              if p.dtype.is_floating_point)
     return out
 
 
+def group_checks(cfg, base: Path) -> dict:
+    """Spies that record and then call the real functions."""
+    calls, evals = [], []
+    real_average, real_evaluate = sync_bn.average_running_stats, engine.evaluation.evaluate
+
+    def average(model, name="bn_running_stats"):
+        before = bn_stats(model)
+        n = real_average(model, name)
+        calls.append({"name": name, "before": before, "after": bn_stats(model)})
+        return n
+
+    def evaluate(model, *a, **k):
+        evals.append(bn_stats(model))
+        return real_evaluate(model, *a, **k)
+
+    sync_bn.average_running_stats, engine.evaluation.evaluate = average, evaluate
+    out_dir, log = app.start(cfg, base / "G")
+    t = Trainer(cfg, out_dir, log)
+    t.train()
+    return {"calls": calls, "evals": evals, "final": bn_stats(t.model)}
+
+
+def checks(args):
+    dist.init()
+    cfg = config.load("shapes_tiny", json.loads(args.overrides))
+    torch.manual_seed(0)
+    return (resume_checks if args.mode == "resume" else group_checks)(cfg, Path(args.out))
+
+
 if __name__ == "__main__":
-    main(checks, extra_args=["--overrides", "--iters", "--resume"])
+    main(checks, extra_args=["--overrides", "--mode"])
