@@ -113,7 +113,7 @@ def _load_backbone_weights(body: nn.Module, cfg: ModelConfig) -> None:
     if not p.is_file():
         if url:
             raise FileNotFoundError(f"model.backbone_weights={cfg.backbone_weights}: {p} not found and could not "
-                                    f"be downloaded: place {url} there (TORCH_HOME={torch.hub.get_dir()})")
+                                    f"be downloaded: place {url} there (torch's hub directory, $TORCH_HOME/hub)")
         raise FileNotFoundError(f"model.backbone_weights: file not found: {p}")
     state = torch.load(p, map_location="cpu", weights_only=True)
     state = state.get("model", state) if isinstance(state, dict) else state

@@ -82,9 +82,14 @@ FLAVOUR=cpu
 [ "${HVD_MEGDET_GPU:-0}" = 1 ] && FLAVOUR=nccl
 KEY="horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-py$PYVER-$FLAVOUR"
 WHEELDIR="$CACHE/wheels/$KEY"
-if "$VPY" -c "import horovod, horovod.torch; assert horovod.__version__ == '$HOROVOD_VERSION'" 2>/dev/null; then
-  say "horovod $HOROVOD_VERSION already installed"
+# installed and of the requested flavour (a CPU build where NCCL is wanted, or the reverse, is rebuilt/reinstalled)
+if "$VPY" -c "import horovod, horovod.torch as h; assert horovod.__version__ == '$HOROVOD_VERSION'; \
+assert bool(h.nccl_built()) == ('$FLAVOUR' == 'nccl')" 2>/dev/null; then
+  say "horovod $HOROVOD_VERSION ($FLAVOUR) already installed"
 else
+  if "$VPY" -c "import horovod" 2>/dev/null; then
+    say "the installed horovod is not the $HOROVOD_VERSION $FLAVOUR build: replacing it"
+  fi
   if ! ls "$WHEELDIR"/horovod-*.whl >/dev/null 2>&1; then
     say "building horovod $HOROVOD_VERSION ($FLAVOUR) from source: takes ~6 minutes, once"
     BUILD=$(mktemp -d)

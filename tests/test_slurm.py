@@ -73,7 +73,7 @@ def test_smoke_job_completes(cluster, tmp_path):
         srun_out = (out / "slurm" / f"rank-{r}.out").read_text()
         assert f"hvd_megdet rank {r}/2" in srun_out
         assert f"rank {r} of 2" in (out / "logs" / f"rank-{r:05d}.log").read_text()
-    assert (out / "checkpoints" / "model_0000020.pth").is_file()
+    assert (out / "checkpoints" / "model_img0000000160.pth").is_file()  # 20 iterations x 8 images
     assert json.loads((out / "eval" / "metrics.json").read_text())["iteration"] == 20
     assert (out / "metrics.jsonl").read_text().count("\n") >= 4
 
@@ -97,10 +97,11 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
     rank0 = (out / "logs" / "rank-00000.log").read_text()
     stopped = int(re.search(r"stop requested .* at iteration (\d+)", rank0)[1])
     assert 6 <= stopped < 80
-    assert re.search(rf"resumed from .*model_{stopped:07d}.pth at iteration {stopped}", rank0), rank0
+    assert re.search(rf"resumed from .*model_img{8 * stopped:010d}.pth: world size 2 -> 2, {8 * stopped} images "
+                     rf"seen, iteration {stopped} of 80", rank0), rank0
     iters = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
     assert iters[-1] == 80 and iters == sorted(iters) and len(iters) == len(set(iters)), iters
-    assert (out / "checkpoints" / "model_0000080.pth").is_file()
+    assert (out / "checkpoints" / "model_img0000000640.pth").is_file()
 
 
 def test_failing_rank_fails_the_job(cluster, tmp_path):

@@ -23,6 +23,10 @@ def assert_cases(results):
         assert not failed, f"rank {r}: {failed}"
         assert res["train_collectives_per_layer"] == (2 if res["size"] > 1 else 0)
         assert res["eval_collectives"] == 0
+        assert res["host_reads_in_forward"] == 0             # no per-layer GPU synchronisation
+        assert res["averaged_ok"] and res["average_collectives"] == (1 if res["size"] > 1 else 0)
+        if res["size"] > 1:
+            assert "expected more than 1 value per channel" in res["group_count_error"]
         # The large-mean case would fail without the shifted fp64 combination:
         assert res["naive_large_mean_rel_error"] > 1e-2
 

@@ -83,9 +83,12 @@ class CocoDetection(torch.utils.data.Dataset):
         if not self.image_dir.is_dir():
             return f"image folder not found: {self.image_dir} (for {self.ann_file})"
         names = [self.coco.imgs[i]["file_name"] for i in self.ids]
+        root = str(self.image_dir)
+
+        def missing_in(part: list[str]) -> list[str]:  # one task per thread: no per-file overhead
+            return [f for f in part if not os.path.isfile(os.path.join(root, f))]
         with ThreadPoolExecutor(threads) as pool:
-            found = list(pool.map(os.path.isfile, (str(self.image_dir / f) for f in names), chunksize=256))
-        missing = [f for f, ok in zip(names, found) if not ok]
+            missing = [f for part in pool.map(missing_in, [names[k::threads] for k in range(threads)]) for f in part]
         if missing:
             return (f"{len(missing)} image(s) listed in {self.ann_file} are missing from "
                     f"{self.image_dir}, e.g. {missing[:3]}")

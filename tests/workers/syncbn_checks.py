@@ -10,7 +10,7 @@ import horovod.torch as hvd
 from torch import nn
 
 from hvd_megdet import dist
-from hvd_megdet.sync_bn import SyncBatchNorm, convert_sync_batchnorm
+from hvd_megdet.sync_bn import SyncBatchNorm, average_running_stats, check_group_counts, convert_sync_batchnorm
 from tests.workers.common import main
 
 C, H, W = 8, 5, 4
@@ -152,9 +152,61 @@ def checks(args):
         layers(x)
     out["eval_collectives"] = calls["n"] - before
 
+    out["host_reads_in_forward"] = host_reads_in_training_forward(layers)
+    out["group_count_error"] = group_count_error()
+    # Running statistics made global: each rank holds its own, one collective averages all layers.
+    with torch.no_grad():
+        for i, m in enumerate(bn for bn in layers if isinstance(bn, SyncBatchNorm)):
+            m.running_mean.fill_(dist.rank() + i)
+            m.running_var.fill_(10.0 * dist.rank())
+    before = calls["n"]
+    average_running_stats(layers)
+    out["average_collectives"] = calls["n"] - before
+    mean_rank = (n - 1) / 2
+    out["averaged_ok"] = all(
+        torch.allclose(m.running_mean, torch.full((C,), mean_rank + i)) and
+        torch.allclose(m.running_var, torch.full((C,), 10.0 * mean_rank))
+        for i, m in enumerate(bn for bn in layers if isinstance(bn, SyncBatchNorm)))
+
     if n == 1:
         out["resnet50"] = resnet50_conversion()
     return out
+
+
+def host_reads_in_training_forward(layers) -> int:
+    """Tensor -> Python reads (each a device synchronisation on a GPU) during a training forward."""
+    layers.train()
+    x = torch.randn(2, C, H, W)
+    reads = {"n": 0}
+    saved = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__float__", "__int__", "__bool__")}
+
+    def spy(fn):
+        def wrapped(*a, **k):
+            reads["n"] += 1
+            return fn(*a, **k)
+        return wrapped
+    for name, fn in saved.items():
+        setattr(torch.Tensor, name, spy(fn))
+    try:
+        layers(x)
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+    return reads["n"] if dist.size() > 1 else 0  # one process: plain BN, nothing to check
+
+
+def group_count_error():
+    """A BN group holding one value per channel: reported by check_group_counts, on every rank."""
+    if dist.size() == 1:
+        return "skipped"
+    layer = nn.Sequential(SyncBatchNorm(C)).train()
+    x = torch.randn(1 if dist.rank() == 0 else 0, C, 1, 1)
+    layer(x)
+    try:
+        check_group_counts(layer)
+        return None
+    except ValueError as e:
+        return str(e)
 
 
 def resnet50_conversion():
