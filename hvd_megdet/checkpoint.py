@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 _NAME = re.compile(r"^model_img(\d{10,})\.pth$")
+_LEGACY = re.compile(r"^model_(\d{7,})\.pth$")  # named by iteration (before images seen): older than any _NAME
 
 
 def checkpoint_dir(output_dir) -> Path:
@@ -73,7 +74,10 @@ def list_checkpoints(output_dir) -> list[Path]:
     d = checkpoint_dir(output_dir)
     if not d.is_dir():
         return []
-    return sorted((p for p in d.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
+    def order(p: Path):
+        m = _NAME.match(p.name)
+        return (1, int(m[1])) if m else (0, int(_LEGACY.match(p.name)[1]))
+    return sorted((p for p in d.iterdir() if _NAME.match(p.name) or _LEGACY.match(p.name)), key=order)
 
 
 def latest(output_dir) -> Path | None:

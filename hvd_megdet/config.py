@@ -186,7 +186,7 @@ def validate(cfg: Config) -> None:
         ("model.bn_size", not (m.bn_size and m.bn_group_size),
          f"set either model.bn_size (images) or model.bn_group_size (ranks), not both "
          f"(model.bn_group_size = {m.bn_group_size}; unset one with =0)"),
-        ("model.bn_size", m.bn_size % s.images_per_rank == 0,
+        ("model.bn_size", s.images_per_rank <= 0 or m.bn_size % s.images_per_rank == 0,
          f"must be a multiple of solver.images_per_rank = {s.images_per_rank}"),
         ("model.trainable_layers", 0 <= m.trainable_layers <= 5, "must be in [0, 5]"),
         ("model.tiny_widths", len(m.tiny_widths) == 4 and all(w > 0 for w in m.tiny_widths),

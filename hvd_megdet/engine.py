@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict
@@ -23,7 +24,7 @@ from hvd_megdet import checkpoint, data, dist, evaluation, optim, sync_bn
 from hvd_megdet import plan as plan_mod
 from hvd_megdet.config import Config, to_dict
 from hvd_megdet.data.transforms import to_device
-from hvd_megdet.model import build_model, describe_norms, fetch_backbone_weights
+from hvd_megdet.model import backbone_weights_path, build_model, describe_norms, fetch_backbone_weights
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on a signal after checkpointing; resume with --resume
 # Written by rank 0 once that checkpoint is complete. srun may kill the slower ranks when the first
@@ -53,6 +54,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, output_dir: Path, log, training: bool = True):
         self.cfg, self.out, self.log, self.training = cfg, Path(output_dir), log, training
+        # from the start: a preemption signal during set-up or resume is honoured at the first iteration
+        self.stop = StopFlag() if training else None
         self.device = dist.device()
         if cfg.train.threads_per_rank:
             torch.set_num_threads(cfg.train.threads_per_rank)
@@ -69,10 +72,18 @@ class Trainer:
                          cfg.solver.images_per_rank, bn.images)
             if bn.notice:
                 log.warning("%s", bn.notice)
+        weights = backbone_weights_path(cfg.model)  # a bad name fails here, on every rank alike
         if dist.local_rank() == 0:
             data.prepare(cfg.data, log)
             fetch_backbone_weights(cfg.model, log)
         dist.barrier()
+        if weights:  # TORCH_HOME may be node-local: every rank learns of a node that lacks the file
+            missing = {h for h, ok in dist.allgather_object((socket.gethostname(), weights[0].is_file()),
+                                                            name="backbone_weights") if not ok}
+            if missing:
+                raise FileNotFoundError(
+                    f"model.backbone_weights={cfg.model.backbone_weights}: {weights[0]} not found on "
+                    f"{sorted(missing)}" + (f" and could not be downloaded: place {weights[1]} there" if weights[1] else ""))
         if dist.is_main() and cfg.model.backbone == "resnet50" and not cfg.model.backbone_weights:
             log.warning("model.backbone_weights is empty: the backbone starts from random weights, not the "
                         "paper's recipe (ImageNet-pretrained ResNet-50): set model.backbone_weights=IMAGENET1K_V1")
@@ -165,18 +176,20 @@ class Trainer:
                       self.sched.lr_at(self.images))
 
     # --- training --------------------------------------------------------
-    def _agree(self, loss: torch.Tensor, losses: dict, stop: bool, checkpoint_due: bool):
-        """One allreduce: which ranks saw a non-finite loss, whether any rank must stop or asks for
-        a time-based checkpoint, mean losses."""
+    def _agree(self, loss: torch.Tensor, losses: dict, stop: bool, checkpoint_due: bool, bn_problem: bool):
+        """One allreduce: which ranks saw a non-finite loss or an invalid BN group batch, whether any
+        rank must stop or asks for a time-based checkpoint, mean losses."""
         n, keys = dist.size(), sorted(losses)
-        v = torch.zeros(n + 2 + len(keys), dtype=torch.float64)
+        v = torch.zeros(2 * n + 2 + len(keys), dtype=torch.float64)
         v[dist.rank()] = float(not math.isfinite(float(loss.detach())))
-        v[n], v[n + 1] = float(stop), float(checkpoint_due)
-        v[n + 2:] = torch.tensor([float(losses[k]) for k in keys], dtype=torch.float64)
+        v[n + dist.rank()] = float(bn_problem)
+        v[2 * n], v[2 * n + 1] = float(stop), float(checkpoint_due)
+        v[2 * n + 2:] = torch.tensor([float(losses[k]) for k in keys], dtype=torch.float64)
         v = dist.allreduce(v, op=dist.Sum, name="iteration_status")
         bad = [r for r in range(n) if v[r] > 0]
-        means = {k: float(x) / n for k, x in zip(keys, v[n + 2:].tolist())}
-        return bad, bool(v[n] > 0), bool(v[n + 1] > 0), means
+        bad_bn = [r for r in range(n) if v[n + r] > 0]
+        means = {k: float(x) / n for k, x in zip(keys, v[2 * n + 2:].tolist())}
+        return bad, bad_bn, bool(v[2 * n] > 0), bool(v[2 * n + 1] > 0), means
 
     def train(self, until_images: int | None = None) -> int:
         """Train until the schedule's total images (or ``until_images``, checkpointed there) or a
@@ -184,7 +197,6 @@ class Trainer:
         cfg, sched, plan, passes = self.cfg, self.sched, self.plan, self.cfg.solver.backward_passes_per_step
         end = sched.total_images if until_images is None else min(until_images, sched.total_images)
         end_iter = self.iteration + sched.iters(max(end - self.images, 0))
-        stop = StopFlag()
         train_ds = data.train_dataset(cfg.data)
         if train_ds.cat_ids != self.val_ds.cat_ids:
             raise data.DataError(f"train and val annotation files have different categories: "
@@ -213,12 +225,15 @@ class Trainer:
                     images, targets = to_device(*next(batches), self.device)
                     with torch.autocast(self.device.type, enabled=self.amp):
                         losses = self.model(images, targets)
-                    sync_bn.check_group_counts(self.model)
+                    bn_problem = sync_bn.check_group_counts(self.model)
                     loss = sum(losses.values()) / passes
                     for k, v in losses.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach()) / passes
-                    bad, stopping, checkpoint_due, means = self._agree(
-                        loss, {**sums, "loss": sum(sums.values())}, stop.signum != 0, due)
+                    bad, bad_bn, stopping, checkpoint_due, means = self._agree(
+                        loss, {**sums, "loss": sum(sums.values())}, self.stop.signum != 0, due, bool(bn_problem))
+                    if bad_bn:
+                        raise ValueError(f"invalid BN batch at iteration {self.iteration} on rank(s) {bad_bn}: "
+                                         f"{bn_problem or 'see their logs'}")
                     if bad:
                         raise NonFiniteLoss(f"non-finite loss at iteration {self.iteration} on rank(s) {bad} "
                                             f"(this rank: {dict((k, float(v.detach())) for k, v in losses.items())})")
@@ -241,6 +256,8 @@ class Trainer:
                 if stopping:
                     self.log.warning("stop requested (signal on some rank) at iteration %d: checkpointing",
                                      self.iteration)
+                    if crossed(seen_before, self.images, plan.eval_period_images):
+                        self.log.warning("periodic evaluation at %d images skipped: stopping", self.images)
                     self.save_checkpoint()
                     if dist.is_main():  # job scripts requeue on this file, whatever srun's exit code
                         (self.out / PREEMPTED_MARKER).write_text(f"{self.iteration}\n")

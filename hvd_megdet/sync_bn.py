@@ -162,19 +162,22 @@ class SyncBatchNorm(_BatchNorm):
         return g_mean.float(), g_var.float(), count.float()
 
 
-def check_group_counts(model: nn.Module) -> None:
-    """Raise if a SyncBatchNorm's last training batch had at most one value per channel in its
-    whole BN group (its variance is meaningless). One host read for all layers together."""
+def check_group_counts(model: nn.Module) -> str | None:
+    """Why the last training forward was invalid, or None: a SyncBatchNorm whose whole BN group
+    held at most one value per channel (its variance is meaningless). One blocking host read for
+    all layers together. The engine shares the verdict with every rank (groups differ)."""
     layers = [(n, m) for n, m in model.named_modules()
               if isinstance(m, SyncBatchNorm) and m.last_group_count is not None]
     if not layers:
-        return
-    counts = torch.stack([m.last_group_count.to("cpu", non_blocking=True) for _, m in layers]).tolist()
+        return None
+    counts = torch.stack([m.last_group_count for _, m in layers]).tolist()  # waits for the device
+    problem = None
     for (name, m), c in zip(layers, counts):
         m.last_group_count = None
-        if c <= 1:
-            raise ValueError(f"SyncBatchNorm {name or m._name}: expected more than 1 value per channel in the "
-                             f"BN group when training, got {int(c)} (rank {dist.rank()})")
+        if c <= 1 and problem is None:
+            problem = (f"SyncBatchNorm {name or m._name}: expected more than 1 value per channel in the "
+                       f"BN group when training, got {int(c)} (rank {dist.rank()})")
+    return problem
 
 
 def average_running_stats(model: nn.Module, name: str = "bn_running_stats") -> int:

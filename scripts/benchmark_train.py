@@ -36,10 +36,10 @@ def worker(out: str, iters: int, warmup: int, r50: bool) -> None:
                                       "train.log_period=100000"])
     run_dir, log = app.start(cfg, tmp / f"tiny-np{dist.size()}")
     t = Trainer(cfg, run_dir, log)
-    t.train(until=warmup)
+    t.train(until_images=warmup * t.sched.global_batch)
     dist.barrier()
     t0 = time.perf_counter()
-    t.train(until=warmup + iters)
+    t.train(until_images=(warmup + iters) * t.sched.global_batch)
     dist.barrier()
     sec = time.perf_counter() - t0
     result["tiny"] = {"ranks": dist.size(), "iters": iters, "seconds": sec,
@@ -55,7 +55,7 @@ def worker(out: str, iters: int, warmup: int, r50: bool) -> None:
         times = []
         for k in range(1, 4):
             t0 = time.perf_counter()
-            t.train(until=k)
+            t.train(until_images=k * t.sched.global_batch)
             times.append(time.perf_counter() - t0)
         result["megdet_r50_fpn"] = {"image_size": 256, "images_per_rank": 2, "norm": "SyncBatchNorm",
                                     "seconds_per_iter": times, "params_M": sum(p.numel() for p in t.model.parameters()) / 1e6}

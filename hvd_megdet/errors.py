@@ -1,0 +1,24 @@
+"""Failure classes and the exit codes that tell launchers what happened (README "Failures").
+
+| code | meaning                                   | launcher (slurm/megdet.sbatch, scripts/run.py) |
+|------|-------------------------------------------|------------------------------------------------|
+| 0    | done                                      | stop                                           |
+| 75   | preempted: stopped on a signal, checkpointed | requeue / stop (resume with --resume)       |
+| 2    | user error: config, data, weights, paths  | stop: no restart can fix it                    |
+| 1    | crash: anything else (a dead peer, CUDA/NCCL, non-finite loss, a bug) | restart from the newest checkpoint, up to a budget |
+
+A rank that fails also writes ``<HVD_MEGDET_STATUS_DIR>/<class>-rank-NNNNN.json`` (rank, host,
+time, reason) when its launcher sets that folder, so the launcher can classify the attempt and
+name the first failing rank even where the launcher's own exit code is lost (srun kills the
+other ranks of a step as soon as one exits).
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL
+
+
+class UserError(Exception):
+    """Bad input (config, data, weights, paths): the message names it; no restart can fix it."""

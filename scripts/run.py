@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Supervise `horovodrun ... scripts/train.py`: relaunch it with --resume after a crash.
+
+    python scripts/run.py [--max-restarts 3] -np 16 -H node1:8,node2:8,node3:8 [--gloo|--mpi] -- [train.py args]
+
+Each attempt is one horovodrun job. Its end is classified by the ranks' exit codes and status
+files (hvd_megdet/errors.py): done (0) and preempted (75) stop; a user error (2: config, data,
+weights) stops at once; anything else is a crash, relaunched with --resume from the newest valid
+checkpoint until --max-restarts relaunches were spent. The host where the first failing rank ran
+is blamed; a host blamed --drop-after times is dropped when the other hosts still hold -np slots.
+Ends with a summary of the attempts; exits with the last attempt's class code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from hvd_megdet.errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR  # noqa: E402
+
+# horovodrun --gloo: "Process name: 1"; mpirun: "Process name: [[6101,1],1]"
+_FIRST = re.compile(r"Process name: (?:\[\[\d+,\d+\],(\d+)\]|(\d+))")
+
+
+def parse_hosts(spec: str) -> list[tuple[str, int]]:
+    out = []
+    for part in spec.split(","):
+        host, _, slots = part.partition(":")
+        out.append((host, int(slots or 1)))
+    return out
+
+
+def rank_hosts(hosts: list[tuple[str, int]], np_: int) -> list[str]:
+    """horovodrun places ranks on the hosts in the order given, filling each host's slots."""
+    return [h for h, slots in hosts for _ in range(slots)][:np_]
+
+
+def classify(code: int, status: Path) -> tuple[str, dict | None]:
+    """(class, first failure record). Status files from ranks win over the launcher's code."""
+    records = []
+    for f in status.glob("*-rank-*.json"):
+        try:
+            records.append(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            pass
+    records.sort(key=lambda r: r["time"])
+    if code == EXIT_OK and not records:
+        return "done", None
+    if any(r["class"] == "user_error" for r in records) or code == EXIT_USER_ERROR:
+        return "user_error", next((r for r in records if r["class"] == "user_error"), None)
+    if code == EXIT_PREEMPTED or any(r["class"] == "preempted" for r in records):
+        return "preempted", None
+    return "crash", (records[0] if records else None)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-restarts", type=int, default=3, help="relaunches after crashes (default 3)")
+    p.add_argument("-np", type=int, required=True, dest="np")
+    p.add_argument("-H", dest="hosts", default=None, help="host:slots,... (default localhost:NP)")
+    ctl = p.add_mutually_exclusive_group()
+    ctl.add_argument("--gloo", action="store_const", const="--gloo", dest="controller")
+    ctl.add_argument("--mpi", action="store_const", const="--mpi", dest="controller")
+    p.add_argument("--drop-after", type=int, default=2, help="drop a host blamed this many times (default 2)")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then scripts/train.py arguments")
+    args = p.parse_args()
+    train_args = [a for a in args.train_args if a != "--"] if args.train_args[:1] == ["--"] else args.train_args
+    hosts = parse_hosts(args.hosts or f"localhost:{args.np}")
+    blamed: dict[str, int] = {}
+    history = []
+    attempt = 0
+    while True:
+        status = Path(tempfile.mkdtemp(prefix=f"hvd_megdet-attempt{attempt}-"))
+        host_arg = ",".join(f"{h}:{s}" for h, s in hosts)
+        argv = list(train_args) + (["--resume"] if attempt > 0 and "--resume" not in train_args else [])
+        cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(args.np), "-H", host_arg,
+               *([args.controller] if args.controller else []), sys.executable, str(REPO / "scripts/train.py"), *argv]
+        env = {**os.environ, "HVD_MEGDET_ATTEMPT": str(attempt), "HVD_MEGDET_STATUS_DIR": str(status)}
+        print(f"== run.py: attempt {attempt + 1} of at most {args.max_restarts + 1}: {' '.join(cmd)}", flush=True)
+        t0 = time.time()
+        first_proc = None
+        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                m = _FIRST.search(line)
+                if m and first_proc is None:
+                    first_proc = int(m[1] or m[2])
+            code = proc.wait()
+        kind, record = classify(code, status)
+        where = rank_hosts(hosts, args.np)
+        culprit = (record["rank"], record["host"], record["reason"]) if record else \
+            ((first_proc, where[first_proc], "exited first (launcher)") if first_proc is not None
+             and first_proc < len(where) else None)
+        history.append({"attempt": attempt + 1, "exit": code, "class": kind, "seconds": round(time.time() - t0, 1),
+                        "first_failure": culprit, "hosts": host_arg})
+        print(f"== run.py: attempt {attempt + 1} ended: exit {code}, {kind}"
+              + (f"; first failure: rank {culprit[0]} on {culprit[1]}: {culprit[2]}" if culprit else ""), flush=True)
+        if kind != "crash" or attempt >= args.max_restarts:
+            break
+        if culprit:
+            host = culprit[1]
+            blamed[host] = blamed.get(host, 0) + 1
+            rest = [(h, s) for h, s in hosts if h != host]
+            if blamed[host] >= args.drop_after and sum(s for _, s in rest) >= args.np:
+                print(f"== run.py: dropping host {host} (blamed {blamed[host]} times)", flush=True)
+                hosts = rest
+        attempt += 1
+    print("== run.py: summary")
+    for h in history:
+        print("   " + json.dumps(h))
+    if kind == "crash":
+        print(f"== run.py: giving up after {len(history)} attempts (--max-restarts {args.max_restarts})")
+    return {"done": EXIT_OK, "preempted": EXIT_PREEMPTED, "user_error": EXIT_USER_ERROR}.get(kind, EXIT_CRASH)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
