@@ -2,6 +2,7 @@
 turning any error on any rank into a logged, non-zero exit instead of a hang."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 from hvd_megdet import config as config_mod
 from hvd_megdet import dist
 from hvd_megdet import log as log_mod
+from hvd_megdet import signals
+from hvd_megdet.errors import EXIT_CRASH, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 
 DEFAULT_OUTPUT_ROOT = "outputs"
 EXIT_GRACE_S = 2.0
@@ -41,8 +44,11 @@ def start(cfg: config_mod.Config, output_dir: str | None, write_config: bool = T
 
 
 def run(main, init_horovod: bool = True) -> None:
-    """Run ``main() -> exit code`` on this rank; on an exception, log it with the rank and exit 1
-    at once (``os._exit``: no interpreter teardown that could wait on dead peers)."""
+    """Run ``main() -> exit code`` on this rank and exit with a code that says what happened
+    (hvd_megdet/errors.py): 0 done, 75 preempted, 2 user error, 1 crash. On an exception, log it
+    with the rank, write this rank's status file for the launcher, and exit at once
+    (``os._exit``: no interpreter teardown that could wait on dead peers)."""
+    signals.stop_flag()  # from the first instant: a preemption signal during start-up is kept
     try:
         if init_horovod:
             dist.init()
@@ -50,18 +56,37 @@ def run(main, init_horovod: bool = True) -> None:
     except BaseException as e:  # noqa: BLE001 - every failure must end the job, never hang it
         if isinstance(e, SystemExit) and not e.code:
             raise
+        user = isinstance(e, UserError) or (isinstance(e, SystemExit) and e.code == EXIT_USER_ERROR)
         where = f"rank {dist.rank()}/{dist.size()}"
         msg = f"{where}: {type(e).__name__}: {e}"
         logger = log_mod.get_logger()
         if logger.handlers:
-            logger.error("%s\n%s", msg, traceback.format_exc())
+            logger.error("%s%s\n%s", "user error (no restart can fix it): " if user else "crash: ", msg,
+                         traceback.format_exc())
         if not (logger.handlers and dist.is_main()):  # rank 0's log already went to the console
             print(f"ERROR {msg}", file=sys.stderr, flush=True)
+        write_status("user_error" if user else "crash", f"{type(e).__name__}: {e}")
         sys.stdout.flush()
         # mpirun/srun tear the whole job down as soon as one rank exits non-zero; a short grace
         # lets the other ranks, usually failing the same way, report their reason too.
         time.sleep(EXIT_GRACE_S)
-        os._exit(1)
+        os._exit(EXIT_USER_ERROR if user else EXIT_CRASH)
+    if code == EXIT_PREEMPTED:
+        write_status("preempted", "stopped on a signal after a checkpoint")
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(code)
+
+
+def write_status(kind: str, reason: str) -> None:
+    """``$HVD_MEGDET_STATUS_DIR/<kind>-rank-NNNNN.json`` for the launcher (job script, scripts/run.py)."""
+    folder = os.environ.get("HVD_MEGDET_STATUS_DIR")
+    if not folder:
+        return
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        rec = {"class": kind, "rank": dist.rank(), "size": dist.size(), "host": socket.gethostname(),
+               "pid": os.getpid(), "time": time.time(), "reason": reason[:2000]}
+        Path(folder, f"{kind}-rank-{dist.rank():05d}.json").write_text(json.dumps(rec))
+    except OSError:
+        pass  # the exit code still says it

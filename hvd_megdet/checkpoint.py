@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hvd_megdet.errors import UserError
+
 _NAME = re.compile(r"^model_img(\d{10,})\.pth$")
 _LEGACY = re.compile(r"^model_(\d{7,})\.pth$")  # named by iteration (before images seen): older than any _NAME
 
@@ -85,5 +87,35 @@ def latest(output_dir) -> Path | None:
     return found[-1] if found else None
 
 
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read; the message names the file."""
+
+
 def load(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # truncated/corrupt: torch's message does not name the file
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+def newest_valid(output_dir, log=None) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that loads, and its state; unreadable newer ones are skipped with a
+    warning naming them (a kill during a save on a filesystem without atomic rename, a full disk)."""
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            return path, load(path)
+        except CheckpointError as e:
+            if log:
+                log.warning("%s: skipped, trying the previous checkpoint", e)
+    return None, None
+
+
+def remove_stale_temporaries(output_dir, log=None) -> None:
+    """Temporary files of saves that a kill interrupted (only rank 0 writes: call it there)."""
+    d = checkpoint_dir(output_dir)
+    for tmp in d.glob("*.tmp") if d.is_dir() else ():
+        tmp.unlink(missing_ok=True)
+        if log:
+            log.warning("removed %s, left by an interrupted save", tmp)

@@ -44,6 +44,10 @@ def init(bn_group_size: int | Iterable[int] | None = None) -> None:
         # Horovod's background cycle: 0.1 ms instead of 1 ms (benchmarks/syncbn.json: ResNet-50 BN
         # layers 228 -> 74 ms per iteration under MPI; shapes_tiny 3.26 -> 3.51 it/s).
         os.environ.setdefault("HOROVOD_CYCLE_TIME", "0.1")
+        # A rank that stops calling collectives (a hung GPU, filesystem or process) must end the job,
+        # not stall it for hours: Horovod warns after 60 s and shuts down after this long (generous:
+        # rank 0 alone runs COCOeval and writes checkpoints while the others wait in a collective).
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "600")
         if not torch.cuda.is_available():
             # CPU ranks share cores with Horovod's background thread: Open MPI's default
             # busy-wait steals them from compute (measured: 2.1 -> 2.7 it/s for shapes_tiny

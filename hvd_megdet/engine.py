@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import socket
 import sys
 import time
@@ -20,32 +19,22 @@ from pathlib import Path
 
 import torch
 
-from hvd_megdet import checkpoint, data, dist, evaluation, optim, sync_bn
+from hvd_megdet import checkpoint, data, dist, evaluation, faults, optim, signals, sync_bn
 from hvd_megdet import plan as plan_mod
 from hvd_megdet.config import Config, to_dict
 from hvd_megdet.data.transforms import to_device
-from hvd_megdet.model import backbone_weights_path, build_model, describe_norms, fetch_backbone_weights
+from hvd_megdet.errors import EXIT_PREEMPTED
+from hvd_megdet.model import WeightsError, backbone_weights_path, build_model, describe_norms, fetch_backbone_weights
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on a signal after checkpointing; resume with --resume
-# Written by rank 0 once that checkpoint is complete. srun may kill the slower ranks when the first
-# one exits 75 (--kill-on-bad-exit), so job scripts requeue on this file, not on the exit code.
+PREEMPTED_EXIT_CODE = EXIT_PREEMPTED  # stopped on a signal after checkpointing; resume with --resume
+# Written by rank 0 once that checkpoint is complete, BEFORE the barrier that releases the other
+# ranks: srun may kill rank 0 as soon as another rank exits 75 (--kill-on-bad-exit), so job
+# scripts requeue on this file, not on the exit code.
 PREEMPTED_MARKER = "PREEMPTED"
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-class StopFlag:
-    """Set by SIGUSR1/SIGTERM (SLURM's warning before a time limit or preemption)."""
-
-    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
-        self.signum = 0
-        for s in signals:
-            signal.signal(s, self._handler)
-
-    def _handler(self, signum, frame):
-        self.signum = signum
 
 
 class Trainer:
@@ -55,7 +44,8 @@ class Trainer:
     def __init__(self, cfg: Config, output_dir: Path, log, training: bool = True):
         self.cfg, self.out, self.log, self.training = cfg, Path(output_dir), log, training
         # from the start: a preemption signal during set-up or resume is honoured at the first iteration
-        self.stop = StopFlag() if training else None
+        self.stop = signals.stop_flag() if training else None
+        self.fault = faults.from_env()  # tests only: HVD_MEGDET_FAULT
         self.device = dist.device()
         if cfg.train.threads_per_rank:
             torch.set_num_threads(cfg.train.threads_per_rank)
@@ -81,7 +71,7 @@ class Trainer:
             missing = {h for h, ok in dist.allgather_object((socket.gethostname(), weights[0].is_file()),
                                                             name="backbone_weights") if not ok}
             if missing:
-                raise FileNotFoundError(
+                raise WeightsError(
                     f"model.backbone_weights={cfg.model.backbone_weights}: {weights[0]} not found on "
                     f"{sorted(missing)}" + (f" and could not be downloaded: place {weights[1]} there" if weights[1] else ""))
         if dist.is_main() and cfg.model.backbone == "resnet50" and not cfg.model.backbone_weights:
@@ -124,26 +114,40 @@ class Trainer:
                 "images": self.images, "iteration": self.iteration, "world_size": dist.size(),
                 "global_batch": self.sched.global_batch, "config": to_dict(self.cfg), "schedule": asdict(self.sched)}
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, marker: str | None = None) -> None:
+        """Rank 0 writes the checkpoint (and then ``marker``, e.g. PREEMPTED) before the barrier."""
         self.sync_bn_statistics("checkpoint")
         rngs = dist.allgather_object(checkpoint.rng_state(self.device), name=f"ckpt_rng_{self.images}")
         if dist.is_main():
             path = checkpoint.save(self.out, self.images, {**self.state(), "rng": rngs},
                                    self.cfg.train.keep_checkpoints)
             self.log.info("saved checkpoint %s (%d images, iteration %d)", path, self.images, self.iteration)
+            if marker:  # job scripts requeue on this file, whatever srun's exit code
+                (self.out / marker).write_text(f"{self.iteration}\n")
         self._last_checkpoint = time.monotonic()
         dist.barrier()
 
-    def load_checkpoint(self, path: Path | None) -> None:
-        """Load on rank 0 and broadcast: parameters, optimizer and scaler state, progress in images,
-        each rank's RNG. On another world size the schedule continues at the same image count."""
+    def resume(self) -> None:
+        """``--resume``: the output dir's newest readable checkpoint (unreadable newer ones are
+        skipped with a warning), after removing temporary files of interrupted saves."""
+        path = state = None
+        if dist.is_main():
+            checkpoint.remove_stale_temporaries(self.out, self.log)
+            path, state = checkpoint.newest_valid(self.out, self.log)
+        self._restore(path, state)
+
+    def load_checkpoint(self, path: Path) -> None:
+        self._restore(path, checkpoint.load(path) if dist.is_main() else None)
+
+    def _restore(self, path: Path | None, state: dict | None) -> None:
+        """Rank 0's ``state`` to every rank: parameters, optimizer and scaler state, progress in
+        images, each rank's RNG. On another world size the schedule continues at the same image count."""
         path = dist.broadcast_object(str(path) if path else None, name="ckpt_path")
         if path is None:
             self.log.info("no checkpoint to resume from: starting at iteration 0")
             return
         meta = None
         if dist.is_main():
-            state = checkpoint.load(path)
             self.model.load_state_dict(state["model"])
             if self.training:
                 self.optimizer.load_state_dict(state["optimizer"])
@@ -215,6 +219,8 @@ class Trainer:
                       self.iteration, end_iter, self.images, end, sched.total_images)
         try:
             while self.images < end:
+                poison = self.fault.fire(self.log) if self.fault and self.fault.due(dist.rank(), self.iteration) \
+                    else False
                 lr = sched.lr_at(self.images)
                 optim.set_lr(self.optimizer, lr)
                 self.optimizer.zero_grad()
@@ -227,6 +233,8 @@ class Trainer:
                         losses = self.model(images, targets)
                     bn_problem = sync_bn.check_group_counts(self.model)
                     loss = sum(losses.values()) / passes
+                    if poison:
+                        loss = loss * float("nan")
                     for k, v in losses.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach()) / passes
                     bad, bad_bn, stopping, checkpoint_due, means = self._agree(
@@ -258,9 +266,7 @@ class Trainer:
                                      self.iteration)
                     if crossed(seen_before, self.images, plan.eval_period_images):
                         self.log.warning("periodic evaluation at %d images skipped: stopping", self.images)
-                    self.save_checkpoint()
-                    if dist.is_main():  # job scripts requeue on this file, whatever srun's exit code
-                        (self.out / PREEMPTED_MARKER).write_text(f"{self.iteration}\n")
+                    self.save_checkpoint(marker=PREEMPTED_MARKER)
                     return PREEMPTED_EXIT_CODE
                 if crossed(seen_before, self.images, plan.checkpoint_period_images) or self.images >= end \
                         or checkpoint_due:

@@ -23,9 +23,14 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from hvd_megdet.config import Config, ModelConfig
+from hvd_megdet.errors import UserError
 from hvd_megdet.sync_bn import SyncBatchNorm
 
 NORM_TYPES = (SyncBatchNorm, nn.BatchNorm2d, FrozenBatchNorm2d)
+
+
+class WeightsError(UserError, ValueError):
+    """model.backbone_weights cannot be resolved or loaded; the message names the file."""
 
 
 TORCHVISION_WEIGHTS = {"resnet50": "ResNet50_Weights", "resnet18": "ResNet18_Weights"}
@@ -64,12 +69,12 @@ def backbone_weights_path(cfg: ModelConfig) -> tuple[Path, str | None] | None:
         return None
     if w.upper().startswith("IMAGENET1K"):
         if cfg.backbone not in TORCHVISION_WEIGHTS:
-            raise ValueError(f"model.backbone_weights={w}: torchvision has no weights for the "
+            raise WeightsError(f"model.backbone_weights={w}: torchvision has no weights for the "
                              f"'{cfg.backbone}' backbone (give a local .pth)")
         try:
             weights = get_weight(f"{TORCHVISION_WEIGHTS[cfg.backbone]}.{w.upper()}")
         except (ValueError, KeyError, AttributeError):
-            raise ValueError(f"model.backbone_weights={w}: not a torchvision weight of {cfg.backbone} "
+            raise WeightsError(f"model.backbone_weights={w}: not a torchvision weight of {cfg.backbone} "
                              f"(e.g. IMAGENET1K_V1)") from None
         return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name, weights.url
     return Path(w).expanduser(), None
@@ -112,16 +117,16 @@ def _load_backbone_weights(body: nn.Module, cfg: ModelConfig) -> None:
     p, url = backbone_weights_path(cfg)
     if not p.is_file():
         if url:
-            raise FileNotFoundError(f"model.backbone_weights={cfg.backbone_weights}: {p} not found and could not "
+            raise WeightsError(f"model.backbone_weights={cfg.backbone_weights}: {p} not found and could not "
                                     f"be downloaded: place {url} there (torch's hub directory, $TORCH_HOME/hub)")
-        raise FileNotFoundError(f"model.backbone_weights: file not found: {p}")
+        raise WeightsError(f"model.backbone_weights: file not found: {p}")
     state = torch.load(p, map_location="cpu", weights_only=True)
     state = state.get("model", state) if isinstance(state, dict) else state
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = body.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(f"model.backbone_weights {p} does not match the backbone: "
+        raise WeightsError(f"model.backbone_weights {p} does not match the backbone: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 

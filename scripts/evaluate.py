@@ -18,9 +18,7 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args()  # options and overrides in any order
     ckpt = Path(args.checkpoint)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    saved = checkpoint.load(ckpt)["config"]
+    saved = checkpoint.load(ckpt)["config"]  # every rank: a missing or corrupt file fails everywhere alike
     cfg = config.from_dict(saved, args.overrides)
     out, log = app.start(cfg, args.output_dir or ckpt.resolve().parent.parent, write_config=False)
     trainer = Trainer(cfg, out, log, training=False)  # no BN groups: any world size

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -24,10 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from hvd_megdet.attempts import classify  # noqa: E402
 from hvd_megdet.errors import EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR  # noqa: E402
-
-# horovodrun --gloo: "Process name: 1"; mpirun: "Process name: [[6101,1],1]"
-_FIRST = re.compile(r"Process name: (?:\[\[\d+,\d+\],(\d+)\]|(\d+))")
 
 
 def parse_hosts(spec: str) -> list[tuple[str, int]]:
@@ -41,24 +38,6 @@ def parse_hosts(spec: str) -> list[tuple[str, int]]:
 def rank_hosts(hosts: list[tuple[str, int]], np_: int) -> list[str]:
     """horovodrun places ranks on the hosts in the order given, filling each host's slots."""
     return [h for h, slots in hosts for _ in range(slots)][:np_]
-
-
-def classify(code: int, status: Path) -> tuple[str, dict | None]:
-    """(class, first failure record). Status files from ranks win over the launcher's code."""
-    records = []
-    for f in status.glob("*-rank-*.json"):
-        try:
-            records.append(json.loads(f.read_text()))
-        except (OSError, ValueError):
-            pass
-    records.sort(key=lambda r: r["time"])
-    if code == EXIT_OK and not records:
-        return "done", None
-    if any(r["class"] == "user_error" for r in records) or code == EXIT_USER_ERROR:
-        return "user_error", next((r for r in records if r["class"] == "user_error"), None)
-    if code == EXIT_PREEMPTED or any(r["class"] == "preempted" for r in records):
-        return "preempted", None
-    return "crash", (records[0] if records else None)
 
 
 def main() -> int:
@@ -86,19 +65,15 @@ def main() -> int:
         env = {**os.environ, "HVD_MEGDET_ATTEMPT": str(attempt), "HVD_MEGDET_STATUS_DIR": str(status)}
         print(f"== run.py: attempt {attempt + 1} of at most {args.max_restarts + 1}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
-        first_proc = None
+        lines = []
         with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-            for line in proc.stdout:
+            for line in proc.stdout:  # streamed through, kept for the launcher's report of the first death
                 sys.stdout.write(line)
-                m = _FIRST.search(line)
-                if m and first_proc is None:
-                    first_proc = int(m[1] or m[2])
+                lines.append(line)
             code = proc.wait()
-        kind, record = classify(code, status)
-        where = rank_hosts(hosts, args.np)
-        culprit = (record["rank"], record["host"], record["reason"]) if record else \
-            ((first_proc, where[first_proc], "exited first (launcher)") if first_proc is not None
-             and first_proc < len(where) else None)
+        res = classify(code, status, "".join(lines), rank_hosts(hosts, args.np))
+        kind = res["class"]
+        culprit = (res["first_rank"], res["first_host"], res["first_reason"]) if res["first_rank"] >= 0 else None
         history.append({"attempt": attempt + 1, "exit": code, "class": kind, "seconds": round(time.time() - t0, 1),
                         "first_failure": culprit, "hosts": host_arg})
         print(f"== run.py: attempt {attempt + 1} ended: exit {code}, {kind}"

@@ -5,7 +5,7 @@ With no arguments: the embedded shapes_tiny demo into outputs/shapes_tiny/.
 """
 import argparse
 
-from hvd_megdet import app, checkpoint, config, plan
+from hvd_megdet import app, config, plan
 from hvd_megdet.engine import Trainer
 
 
@@ -30,7 +30,7 @@ def main(args) -> int:
     out, log = app.start(cfg, args.output_dir)
     trainer = Trainer(cfg, out, log, training=not args.eval_only)
     if args.resume or args.eval_only:
-        trainer.load_checkpoint(checkpoint.latest(out))
+        trainer.resume()
     if args.eval_only:
         trainer.evaluate()
         return 0

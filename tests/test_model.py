@@ -35,7 +35,7 @@ def test_weights_by_torchvision_name(tmp_path, monkeypatch):
     # offline: a clear error naming the file to place (the download itself stands in for no network)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     model.fetch_backbone_weights(cfg)
-    with pytest.raises(FileNotFoundError, match=f"{path}.*place {url} there"):
+    with pytest.raises(model.WeightsError, match=f"{path}.*place {url} there"):
         model.build_backbone(cfg)
     # present in the hub cache: loaded (frozen stages keep the file's statistics)
     ref = torchvision.models.resnet18()

@@ -70,7 +70,7 @@ def test_smoke_job_completes(cluster, tmp_path):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
     assert "srun --mpi=pmix" in log and "tasks: 2" in log and '"global_batch": 8' in log
     for r in range(2):
-        srun_out = (out / "slurm" / f"rank-{r}.out").read_text()
+        srun_out = (out / "slurm" / "attempt-0" / f"rank-{r}.out").read_text()
         assert f"hvd_megdet rank {r}/2" in srun_out
         assert f"rank {r} of 2" in (out / "logs" / f"rank-{r:05d}.log").read_text()
     assert (out / "checkpoints" / "model_img0000000160.pth").is_file()  # 20 iterations x 8 images
@@ -112,7 +112,7 @@ def test_failing_rank_fails_the_job(cluster, tmp_path):
     log = batch_output(tmp_path, job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", log
     for r in range(2):
-        for f in (out / "slurm" / f"rank-{r}.out", out / "logs" / f"rank-{r:05d}.log"):
+        for f in (out / "slurm" / "attempt-0" / f"rank-{r}.out", out / "logs" / f"rank-{r:05d}.log"):
             text = f.read_text()
             assert f"rank {r}/2: DataError: annotation file not found: {tmp_path}/nowhere" in text, text
 
@@ -140,8 +140,9 @@ def test_128_gpu_template(tmp_path):
     assert dry.returncode == 0, dry.stderr
     assert "nodes: 16" in dry.stdout and "tasks: 128 (8 per node)" in dry.stdout and "GPUs per node: 8" in dry.stdout
     launch = next(line for line in dry.stdout.splitlines() if line.startswith("launch: "))
-    assert launch.startswith("launch: srun --mpi=pmix --kill-on-bad-exit=1 --open-mode=append --output=")
-    assert f"{REPO}/outputs/megdet_r50_fpn-4242/slurm/rank-%t.out" in launch
+    assert launch.startswith("launch: srun --mpi=pmix --kill-on-bad-exit=1 --cpus-per-task=8 --open-mode=append "
+                             "--output=")
+    assert f"{REPO}/outputs/megdet_r50_fpn-4242/slurm/attempt-0/rank-%t.out" in launch
     assert "scripts/train.py --config megdet_r50_fpn" in launch and "--resume" in launch
     plan = json.loads(next(line for line in dry.stdout.splitlines() if line.startswith("plan "))[5:])
     assert plan["world_size"] == 128 and plan["bn_group_ranks"] == 16 and plan["bn_size_images"] == 32

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from hvd_megdet import signals
 from hvd_megdet.config import DataConfig
 from hvd_megdet.data import shapes
 from hvd_megdet.data.coco import CocoDetection, DataError, collate
@@ -49,4 +50,5 @@ def train_loader(dataset: CocoDetection, cfg: DataConfig, batch_size: int, rank:
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
         persistent_workers=cfg.workers > 0, pin_memory=torch.cuda.is_available(),
+        worker_init_fn=signals.ignore_in_worker,  # SIGTERM to every process must not kill the workers
         generator=torch.Generator().manual_seed(seed))  # own generator: the global RNG stays untouched

@@ -18,8 +18,10 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
+from hvd_megdet.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad or missing dataset files; the message names the file."""
 
 

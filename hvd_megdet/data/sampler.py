@@ -20,10 +20,12 @@ from typing import Iterator, Sequence
 
 import torch
 
+from hvd_megdet.errors import UserError
+
 CHUNK = 128  # images per run of one aspect-ratio group; independent of world size and batch
 
 
-class DatasetTooSmall(ValueError):
+class DatasetTooSmall(UserError, ValueError):
     pass
 
 

@@ -45,7 +45,7 @@ def resume_checks(cfg, base: Path) -> dict:
     b1.train(until_images=half)
     out["B_checkpoints"] = [p.name for p in checkpoint.list_checkpoints(out_b)]
     b2 = Trainer(cfg, out_b, log)
-    b2.load_checkpoint(checkpoint.latest(out_b))
+    b2.resume()
     out["B_resumed_images"], out["B_resumed_iteration"] = b2.images, b2.iteration
     b2.train()
     out["B_lrs"] = [json.loads(line)["lr"] for line in (out_b / "metrics.jsonl").read_text().splitlines()] \

@@ -1,0 +1,89 @@
+"""How one launch of the ranks ended, for the launchers that restart it (slurm/megdet.sbatch,
+scripts/run.py): its class (done, preempted, user_error, crash), the first failing rank and host,
+and whether that looks like a node problem (a process killed by a signal, a CUDA/NCCL/ECC error)
+rather than a bug or bad input.
+
+Sources, best first: the ranks' status files (hvd_megdet/errors.py; a rank that raised writes
+its reason), then the launcher's own report of the first task to die (srun: "srun: error: HOST:
+task 3: Killed"; horovodrun/mpirun: "Process name: 3"), which is all there is for a rank that was
+killed. Shell use (the job script):
+
+    eval "$(python -m hvd_megdet.attempts STATUS_DIR LAUNCHER_LOG EXIT_CODE)"
+    # -> ATTEMPT_CLASS, FIRST_RANK, FIRST_HOST, FIRST_REASON, NODE_PROBLEM
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from hvd_megdet.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
+
+_SRUN = re.compile(r"srun: error: (\S+): tasks? (\d+)(?:[-,]\d+)*: (.+)")
+_PROCESS = re.compile(r"Process name: (?:\[\[\d+,\d+\],(\d+)\]|(\d+))")
+_NODE_SIGNS = re.compile(r"Killed|signal|Segmentation fault|Bus error|NODE_FAIL|CUDA|NCCL|ECC|Xid|cudaError")
+
+
+def status_records(status_dir) -> list[dict]:
+    out = []
+    for f in Path(status_dir).glob("*-rank-*.json") if status_dir and Path(status_dir).is_dir() else ():
+        try:
+            out.append(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            pass
+    return sorted(out, key=lambda r: r["time"])
+
+
+def launcher_first(text: str, rank_hosts: list[str] | None = None) -> dict | None:
+    """The first task the launcher reported dead, as {rank, host, reason}."""
+    for line in text.splitlines():
+        m = _SRUN.search(line)
+        if m:
+            return {"rank": int(m[2]), "host": m[1], "reason": m[3].strip()}
+        m = _PROCESS.search(line)
+        if m:
+            rank = int(m[1] or m[2])
+            host = rank_hosts[rank] if rank_hosts and rank < len(rank_hosts) else "?"
+            return {"rank": rank, "host": host, "reason": "exited first (launcher)"}
+    return None
+
+
+def classify(code: int, status_dir, launcher_text: str = "", rank_hosts: list[str] | None = None) -> dict:
+    records = status_records(status_dir)
+    kinds = {r["class"] for r in records}
+    first = None
+    if "user_error" in kinds or (code == EXIT_USER_ERROR and "crash" not in kinds):
+        kind = "user_error"
+        first = next((r for r in records if r["class"] == "user_error"), None)
+    elif code == EXIT_OK and not kinds - {"preempted"}:
+        kind = "done"
+    elif "preempted" in kinds or code == EXIT_PREEMPTED:
+        kind = "preempted"
+    else:
+        kind = "crash"
+        reported = {r["rank"] for r in records}
+        dead = launcher_first(launcher_text, rank_hosts)
+        # a rank the launcher saw die without a word of its own was killed: that is the first failure
+        first = dead if dead and dead["rank"] not in reported else (records[0] if records else dead)
+    node_problem = bool(kind == "crash" and first and _NODE_SIGNS.search(first.get("reason", "")))
+    return {"class": kind, "first_rank": first["rank"] if first else -1,
+            "first_host": first["host"] if first else "", "first_reason": first["reason"] if first else "",
+            "node_problem": node_problem}
+
+
+def main(argv: list[str]) -> int:
+    status_dir, launcher_log, code = argv[0], argv[1], int(argv[2])
+    text = Path(launcher_log).read_text(errors="replace") if Path(launcher_log).is_file() else ""
+    res = classify(code, status_dir, text)
+    names = {"class": "ATTEMPT_CLASS", "first_rank": "FIRST_RANK", "first_host": "FIRST_HOST",
+             "first_reason": "FIRST_REASON", "node_problem": "NODE_PROBLEM"}
+    for k, v in res.items():
+        v = int(v) if isinstance(v, bool) else v
+        print(f"{names[k]}={shlex.quote(str(v).splitlines()[0] if str(v) else '')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
