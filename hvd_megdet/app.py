@@ -2,7 +2,6 @@
 turning any error on any rank into a logged, non-zero exit instead of a hang."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -14,6 +13,7 @@ from hvd_megdet import config as config_mod
 from hvd_megdet import dist
 from hvd_megdet import log as log_mod
 from hvd_megdet import signals
+from hvd_megdet import errors
 from hvd_megdet.errors import EXIT_CRASH, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 
 DEFAULT_OUTPUT_ROOT = "outputs"
@@ -38,6 +38,9 @@ def start(cfg: config_mod.Config, output_dir: str | None, write_config: bool = T
     log_mod.log_environment(log, dist.environment())
     if dist.is_main():
         log.info("output directory: %s", out)
+        if os.environ.get("HVD_MEGDET_LAST_FAILURE"):  # set by the launcher that restarted this job
+            log.warning("attempt %d, restarted after: %s", int(os.environ.get("HVD_MEGDET_ATTEMPT", "0")) + 1,
+                        os.environ["HVD_MEGDET_LAST_FAILURE"])
         if write_config:
             (out / "config.yaml").write_text(config_mod.to_yaml(cfg))
     return out, log
@@ -65,28 +68,14 @@ def run(main, init_horovod: bool = True) -> None:
                          traceback.format_exc())
         if not (logger.handlers and dist.is_main()):  # rank 0's log already went to the console
             print(f"ERROR {msg}", file=sys.stderr, flush=True)
-        write_status("user_error" if user else "crash", f"{type(e).__name__}: {e}")
+        errors.write_status("user_error" if user else "crash", f"{type(e).__name__}: {e}")
         sys.stdout.flush()
         # mpirun/srun tear the whole job down as soon as one rank exits non-zero; a short grace
         # lets the other ranks, usually failing the same way, report their reason too.
         time.sleep(EXIT_GRACE_S)
         os._exit(EXIT_USER_ERROR if user else EXIT_CRASH)
     if code == EXIT_PREEMPTED:
-        write_status("preempted", "stopped on a signal after a checkpoint")
+        errors.write_status("preempted", "stopped on a signal after a checkpoint")
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(code)
-
-
-def write_status(kind: str, reason: str) -> None:
-    """``$HVD_MEGDET_STATUS_DIR/<kind>-rank-NNNNN.json`` for the launcher (job script, scripts/run.py)."""
-    folder = os.environ.get("HVD_MEGDET_STATUS_DIR")
-    if not folder:
-        return
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        rec = {"class": kind, "rank": dist.rank(), "size": dist.size(), "host": socket.gethostname(),
-               "pid": os.getpid(), "time": time.time(), "reason": reason[:2000]}
-        Path(folder, f"{kind}-rank-{dist.rank():05d}.json").write_text(json.dumps(rec))
-    except OSError:
-        pass  # the exit code still says it

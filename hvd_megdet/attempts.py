@@ -22,7 +22,9 @@ from pathlib import Path
 from hvd_megdet.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
 
 _SRUN = re.compile(r"srun: error: (\S+): tasks? (\d+)(?:[-,]\d+)*: (.+)")
+_MPIRUN = re.compile(r"process rank (\d+) with PID \d+ on node (\S+) exited on signal (\d+) \((\w+)\)")
 _PROCESS = re.compile(r"Process name: (?:\[\[\d+,\d+\],(\d+)\]|(\d+))")
+_EXIT = re.compile(r"Exit code: (-?\d+)")
 _NODE_SIGNS = re.compile(r"Killed|signal|Segmentation fault|Bus error|NODE_FAIL|CUDA|NCCL|ECC|Xid|cudaError")
 
 
@@ -38,15 +40,22 @@ def status_records(status_dir) -> list[dict]:
 
 def launcher_first(text: str, rank_hosts: list[str] | None = None) -> dict | None:
     """The first task the launcher reported dead, as {rank, host, reason}."""
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for k, line in enumerate(lines):
         m = _SRUN.search(line)
         if m:
             return {"rank": int(m[2]), "host": m[1], "reason": m[3].strip()}
+        m = _MPIRUN.search(line)
+        if m:
+            return {"rank": int(m[1]), "host": m[2], "reason": f"killed by signal {m[3]} ({m[4]})"}
         m = _PROCESS.search(line)
         if m:
             rank = int(m[1] or m[2])
             host = rank_hosts[rank] if rank_hosts and rank < len(rank_hosts) else "?"
-            return {"rank": rank, "host": host, "reason": "exited first (launcher)"}
+            code = next((int(e[1]) for e in map(_EXIT.search, lines[k + 1:k + 3]) if e), None)
+            sig = -code if code is not None and code < 0 else (code - 128 if code and code > 128 else None)
+            reason = f"killed by signal {sig}" if sig else f"exited first with code {code}"
+            return {"rank": rank, "host": host, "reason": reason}
     return None
 
 
@@ -66,7 +75,9 @@ def classify(code: int, status_dir, launcher_text: str = "", rank_hosts: list[st
         reported = {r["rank"] for r in records}
         dead = launcher_first(launcher_text, rank_hosts)
         # a rank the launcher saw die without a word of its own was killed: that is the first failure
-        first = dead if dead and dead["rank"] not in reported else (records[0] if records else dead)
+        stuck = [r for r in records if "this rank is the one that hangs" in r["reason"]]
+        first = dead if dead and dead["rank"] not in reported else \
+            (stuck[0] if stuck else records[0] if records else dead)
     node_problem = bool(kind == "crash" and first and _NODE_SIGNS.search(first.get("reason", "")))
     return {"class": kind, "first_rank": first["rank"] if first else -1,
             "first_host": first["host"] if first else "", "first_reason": first["reason"] if first else "",

@@ -96,6 +96,7 @@ class TrainConfig:
     # periods are iterations at solver.reference_batch (i.e. images / reference_batch), like max_iter
     checkpoint_period: int = 5000
     checkpoint_minutes: float = 30.0      # also checkpoint when this much time passed since the last one; 0 = off
+    stall_minutes: float = 10.0           # end this rank after so long without progress (a hang); 0 = off
     keep_checkpoints: int = 3
     eval_period: int = 0                  # 0 = only at the end
     eval_images: int = 0                  # 0 = the whole val set
@@ -211,6 +212,7 @@ def validate(cfg: Config) -> None:
         ("train.log_period", t.log_period > 0, "must be > 0"),
         ("train.checkpoint_period", t.checkpoint_period > 0, "must be > 0"),
         ("train.checkpoint_minutes", t.checkpoint_minutes >= 0, "must be >= 0 (0 = off)"),
+        ("train.stall_minutes", t.stall_minutes >= 0, "must be >= 0 (0 = off)"),
         ("train.keep_checkpoints", t.keep_checkpoints >= 1, "must be >= 1"),
         ("train.eval_period", t.eval_period >= 0, "must be >= 0"),
         ("train.eval_images", t.eval_images >= 0, "must be >= 0"),

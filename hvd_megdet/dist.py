@@ -27,6 +27,20 @@ Average = hvd.Average
 
 # group_size -> this rank's ProcessSet (None means "no communication": k == 1).
 _bn_sets: dict[int, Any] = {}
+# The blocking collective this rank is inside, if any (the watchdog reports it on a hang).
+_in_collective: list[str] = []
+
+
+def current_collective() -> str | None:
+    return _in_collective[-1] if _in_collective else None
+
+
+def _blocking(what: str, fn, *args, **kwargs):
+    _in_collective.append(what)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _in_collective.pop()
 
 
 class DistError(RuntimeError):
@@ -44,10 +58,6 @@ def init(bn_group_size: int | Iterable[int] | None = None) -> None:
         # Horovod's background cycle: 0.1 ms instead of 1 ms (benchmarks/syncbn.json: ResNet-50 BN
         # layers 228 -> 74 ms per iteration under MPI; shapes_tiny 3.26 -> 3.51 it/s).
         os.environ.setdefault("HOROVOD_CYCLE_TIME", "0.1")
-        # A rank that stops calling collectives (a hung GPU, filesystem or process) must end the job,
-        # not stall it for hours: Horovod warns after 60 s and shuts down after this long (generous:
-        # rank 0 alone runs COCOeval and writes checkpoints while the others wait in a collective).
-        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "600")
         if not torch.cuda.is_available():
             # CPU ranks share cores with Horovod's background thread: Open MPI's default
             # busy-wait steals them from compute (measured: 2.1 -> 2.7 it/s for shapes_tiny
@@ -164,25 +174,25 @@ def allreduce(tensor: torch.Tensor, op=Sum, name: str | None = None, process_set
     if size() == 1:
         return tensor.clone()
     kw = {"process_set": process_set} if process_set is not None else {}
-    return hvd.allreduce(tensor, op=op, name=name, **kw)
+    return _blocking(name or "allreduce", hvd.allreduce, tensor, op=op, name=name, **kw)
 
 
 def allgather_object(obj: Any, name: str | None = None) -> list[Any]:
     """Every rank gets the list of every rank's ``obj`` (picklable), ordered by rank."""
     if size() == 1:
         return [obj]
-    return hvd.allgather_object(obj, name=name)
+    return _blocking(name or "allgather_object", hvd.allgather_object, obj, name=name)
 
 
 def broadcast_object(obj: Any, root: int = 0, name: str | None = None) -> Any:
     if size() == 1:
         return obj
-    return hvd.broadcast_object(obj, root_rank=root, name=name)
+    return _blocking(name or "broadcast_object", hvd.broadcast_object, obj, root_rank=root, name=name)
 
 
 def barrier() -> None:
     if size() > 1:
-        hvd.barrier()
+        _blocking("barrier", hvd.barrier)
 
 
 def average_scalars(values: dict[str, float], name: str = "average_scalars") -> dict[str, float]:

@@ -9,6 +9,7 @@ resume hold on any world size.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import socket
@@ -23,7 +24,8 @@ from hvd_megdet import checkpoint, data, dist, evaluation, faults, optim, signal
 from hvd_megdet import plan as plan_mod
 from hvd_megdet.config import Config, to_dict
 from hvd_megdet.data.transforms import to_device
-from hvd_megdet.errors import EXIT_PREEMPTED
+from hvd_megdet.errors import EXIT_PREEMPTED, write_status
+from hvd_megdet.watchdog import Watchdog
 from hvd_megdet.model import WeightsError, backbone_weights_path, build_model, describe_norms, fetch_backbone_weights
 
 PREEMPTED_EXIT_CODE = EXIT_PREEMPTED  # stopped on a signal after checkpointing; resume with --resume
@@ -116,6 +118,15 @@ class Trainer:
 
     def save_checkpoint(self, marker: str | None = None) -> None:
         """Rank 0 writes the checkpoint (and then ``marker``, e.g. PREEMPTED) before the barrier."""
+        with self._unwatched():
+            self._save_checkpoint(marker)
+
+    def _unwatched(self):
+        """Rank 0 alone writes checkpoints and runs COCOeval while the others wait: no stall clock."""
+        wd = getattr(self, "watchdog", None)
+        return wd.paused() if wd else contextlib.nullcontext()
+
+    def _save_checkpoint(self, marker: str | None) -> None:
         self.sync_bn_statistics("checkpoint")
         rngs = dist.allgather_object(checkpoint.rng_state(self.device), name=f"ckpt_rng_{self.images}")
         if dist.is_main():
@@ -215,10 +226,13 @@ class Trainer:
         progress = Progress(self.iteration, end_iter, self.log) if dist.is_main() else None
         self.model.train()
         self._last_checkpoint = time.monotonic()
+        self.watchdog = Watchdog(60 * cfg.train.stall_minutes, self.log,
+                                 on_stall=lambda reason: write_status("crash", f"watchdog: {reason}"))
         self.log.info("training from iteration %d to %d (%d -> %d images; schedule: %d images)",
                       self.iteration, end_iter, self.images, end, sched.total_images)
         try:
             while self.images < end:
+                self.watchdog.beat("data and forward", self.iteration)
                 poison = self.fault.fire(self.log) if self.fault and self.fault.due(dist.rank(), self.iteration) \
                     else False
                 lr = sched.lr_at(self.images)
@@ -245,7 +259,9 @@ class Trainer:
                     if bad:
                         raise NonFiniteLoss(f"non-finite loss at iteration {self.iteration} on rank(s) {bad} "
                                             f"(this rank: {dict((k, float(v.detach())) for k, v in losses.items())})")
+                    self.watchdog.beat("backward")
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
+                self.watchdog.beat("optimizer step (gradient allreduce)")
                 optim.step(self.optimizer, self.model, cfg.solver.clip_grad_norm, self.scaler)
                 seen_before = self.images
                 self.images += sched.global_batch
@@ -276,6 +292,7 @@ class Trainer:
             if self.images >= sched.total_images:
                 self.evaluate(writer)
         finally:
+            self.watchdog.close()
             if progress:
                 progress.close()
             if metrics_file:
@@ -285,6 +302,10 @@ class Trainer:
         return 0
 
     def evaluate(self, writer=None) -> dict:
+        with self._unwatched():
+            return self._evaluate(writer)
+
+    def _evaluate(self, writer=None) -> dict:
         c = self.cfg
         self.sync_bn_statistics("evaluation")
         metrics = evaluation.evaluate(self.model, self.val_ds, self.out, self.iteration, c.solver.images_per_rank,

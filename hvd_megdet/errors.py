@@ -14,6 +14,12 @@ other ranks of a step as soon as one exits).
 """
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_USER_ERROR = 2
@@ -22,3 +28,18 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL
 
 class UserError(Exception):
     """Bad input (config, data, weights, paths): the message names it; no restart can fix it."""
+
+
+def write_status(kind: str, reason: str) -> None:
+    """``$HVD_MEGDET_STATUS_DIR/<kind>-rank-NNNNN.json`` for the launcher (job script, scripts/run.py)."""
+    from hvd_megdet import dist  # horovod only when there is something to write
+    folder = os.environ.get("HVD_MEGDET_STATUS_DIR")
+    if not folder:
+        return
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        rec = {"class": kind, "rank": dist.rank(), "size": dist.size(), "host": socket.gethostname(),
+               "pid": os.getpid(), "time": time.time(), "reason": reason[:2000]}
+        Path(folder, f"{kind}-rank-{dist.rank():05d}.json").write_text(json.dumps(rec))
+    except OSError:
+        pass  # the exit code still says it

@@ -6,7 +6,8 @@
 #   scripts/local_slurm.sh start-fake DIR N GPUS CPUS
 #                                                    N pretend nodes gpu01..gpuN with GPUS GPUs and
 #                                                    CPUS CPUs each (one slurmd per node, resources
-#                                                    taken from the config): for sbatch --test-only
+#                                                    taken from the config): for sbatch --test-only,
+#                                                    and (GPUS=0) for jobs that must move between nodes
 #   scripts/local_slurm.sh stop DIR                  cancel jobs, stop every daemon it started
 #
 # start prints the line to eval: export SLURM_CONF=DIR/slurm.conf
@@ -50,6 +51,8 @@ JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/builtin
+# a requeued job becomes eligible after cred_expire; the main loop then starts it (default every 60 s)
+SchedulerParameters=sched_interval=2
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
@@ -102,12 +105,13 @@ PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
 
 start_fake() {  # N GPUS CPUS
   need
-  local n=$1 gpus=$2 cpus=$3 lines="" names=()
+  local n=$1 gpus=$2 cpus=$3 lines="" names=() gres=""
+  [ "$gpus" -gt 0 ] && gres="Gres=gpu:$gpus"
   mkdir -p "$DIR/dev"
   for g in $(seq 0 $((gpus - 1))); do : > "$DIR/dev/nvidia$g"; done   # device files for gres.conf
   for i in $(seq 1 "$n"); do
     names+=("$(printf 'gpu%02d' "$i")")
-    lines+="NodeName=${names[-1]} NodeAddr=127.0.0.1 Port=$((PORT + 10 + i)) CPUs=$cpus Gres=gpu:$gpus RealMemory=1000 State=UNKNOWN"$'\n'
+    lines+="NodeName=${names[-1]} NodeAddr=127.0.0.1 Port=$((PORT + 10 + i)) CPUs=$cpus${gres:+ $gres} RealMemory=1000 State=UNKNOWN"$'\n'
   done
   lines+="PartitionName=gpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
   # slurmd reports this machine's hardware; take the node's resources from the config instead

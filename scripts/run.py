@@ -55,14 +55,15 @@ def main() -> int:
     hosts = parse_hosts(args.hosts or f"localhost:{args.np}")
     blamed: dict[str, int] = {}
     history = []
-    attempt = 0
+    attempt, last_failure = 0, ""
     while True:
         status = Path(tempfile.mkdtemp(prefix=f"hvd_megdet-attempt{attempt}-"))
         host_arg = ",".join(f"{h}:{s}" for h, s in hosts)
         argv = list(train_args) + (["--resume"] if attempt > 0 and "--resume" not in train_args else [])
         cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(args.np), "-H", host_arg,
                *([args.controller] if args.controller else []), sys.executable, str(REPO / "scripts/train.py"), *argv]
-        env = {**os.environ, "HVD_MEGDET_ATTEMPT": str(attempt), "HVD_MEGDET_STATUS_DIR": str(status)}
+        env = {**os.environ, "HVD_MEGDET_ATTEMPT": str(attempt), "HVD_MEGDET_STATUS_DIR": str(status),
+               "HVD_MEGDET_LAST_FAILURE": last_failure}
         print(f"== run.py: attempt {attempt + 1} of at most {args.max_restarts + 1}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
         lines = []
@@ -80,6 +81,8 @@ def main() -> int:
               + (f"; first failure: rank {culprit[0]} on {culprit[1]}: {culprit[2]}" if culprit else ""), flush=True)
         if kind != "crash" or attempt >= args.max_restarts:
             break
+        last_failure = (f"attempt {attempt + 1} crashed (exit {code})" +
+                        (f": rank {culprit[0]} on {culprit[1]} failed first: {culprit[2]}" if culprit else ""))
         if culprit:
             host = culprit[1]
             blamed[host] = blamed.get(host, 0) + 1

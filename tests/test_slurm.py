@@ -78,30 +78,115 @@ def test_smoke_job_completes(cluster, tmp_path):
     assert (out / "metrics.jsonl").read_text().count("\n") >= 4
 
 
-def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
-    out = tmp_path / "run"
-    extra = ("solver.max_iter=80 solver.steps=[70] solver.warmup_iters=5 train.log_period=2 "
-             "train.checkpoint_period=1000 train.eval_images=8 train.num_visualizations=0")
-    job = submit([str(REPO / "slurm/smoke.sh")], cluster, tmp_path, {"OUTPUT_DIR": str(out), "EXTRA": extra})
+def wait_for_metrics(out: Path, lines: int, job: str, env, tmp_path: Path) -> None:
     metrics = out / "metrics.jsonl"
     end = time.time() + 300
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):  # past iteration 6
+    while not (metrics.exists() and metrics.read_text().count("\n") >= lines):
         assert time.time() < end, batch_output(tmp_path, job)
-        assert job_info(job, cluster).get("JobState") not in TERMINAL, batch_output(tmp_path, job)
-        time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR1", "--full", job], env=cluster, check=True)
+        assert job_info(job, env).get("JobState") not in TERMINAL, batch_output(tmp_path, job)
+        time.sleep(0.3)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# shapes_tiny (8 images per iteration on 2 ranks), DataLoader workers as on a real cluster,
+# a checkpoint every 4 iterations
+SIGNAL_RUN = ("solver.max_iter=40 solver.steps=[35] solver.warmup_iters=5 train.log_period=2 "
+              "train.checkpoint_period=4 train.eval_images=8 train.num_visualizations=0 data.workers=2")
+
+
+@pytest.mark.parametrize("signal, full", [("USR1", True), ("TERM", False), ("TERM", True)])
+def test_signals_checkpoint_requeue_and_resume(cluster, tmp_path, signal, full):
+    """USR1 or TERM to every process of the job (ranks, DataLoader workers, with --full the batch
+    shell and srun too): requeue, resume, completion. To the ranks, a signal means a fresh
+    checkpoint; srun itself answers TERM by killing its tasks at once, so with TERM --full the job
+    resumes from the newest periodic checkpoint instead (at most one period redone)."""
+    out = tmp_path / "run"
+    job = submit([str(REPO / "slurm/smoke.sh")], cluster, tmp_path, {"OUTPUT_DIR": str(out), "EXTRA": SIGNAL_RUN})
+    wait_for_metrics(out, 4, job, cluster, tmp_path)  # past iteration 8
+    subprocess.run(["scancel", f"--signal={signal}", *(["--full"] if full else []), job], env=cluster, check=True)
     info = wait_for(job, cluster, timeout=600)  # a requeued job passes through REQUEUED/PENDING
     log = batch_output(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", log
-    assert "requeueing job" in log and "restart 1" in log, log
+    assert "requeueing job" in log and "attempt 2 (restart 1" in log, log
     rank0 = (out / "logs" / "rank-00000.log").read_text()
-    stopped = int(re.search(r"stop requested .* at iteration (\d+)", rank0)[1])
-    assert 6 <= stopped < 80
-    assert re.search(rf"resumed from .*model_img{8 * stopped:010d}.pth: world size 2 -> 2, {8 * stopped} images "
-                     rf"seen, iteration {stopped} of 80", rank0), rank0
-    iters = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
-    assert iters[-1] == 80 and iters == sorted(iters) and len(iters) == len(set(iters)), iters
-    assert (out / "checkpoints" / "model_img0000000640.pth").is_file()
+    resumed = re.search(r"resumed from .*model_img(\d+).pth: world size 2 -> 2, (\d+) images seen, "
+                        r"iteration (\d+) of 40", rank0)
+    assert resumed, rank0
+    iters = [r["iteration"] for r in records(out)]
+    assert iters[-1] == 40 and records(out)[-1]["images"] == 320
+    if signal == "TERM" and full:
+        assert "srun killed the ranks before they could checkpoint" in log, log
+        stopped_by = max(i for i in iters if i <= int(resumed[3]) + 4)
+        assert int(resumed[3]) % 4 == 0 and stopped_by - int(resumed[3]) <= 4   # at most one period redone
+    else:
+        stopped = int(re.search(r"stop requested .* at iteration (\d+)", rank0)[1])
+        assert 8 <= stopped < 40 and int(resumed[3]) == stopped and int(resumed[1]) == 8 * stopped
+        assert iters == sorted(iters) and len(iters) == len(set(iters)), iters
+    for f in (out / "slurm" / "attempt-0").glob("rank-*.out"):
+        assert "DataLoader worker" not in f.read_text(errors="replace"), f.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """Two pretend nodes (gpu01, gpu02) with 2 CPUs each on this machine: a job can move."""
+    d = tmp_path_factory.mktemp("slurm2")
+    res = run(["bash", str(LOCAL_SLURM), "start-fake", str(d), "2", "0", "2"], timeout=90)
+    assert res.returncode == 0, res.stdout
+    env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf"), "PATH": f"{BIN}:{os.environ['PATH']}",
+           "REPO": str(REPO), "OMP_NUM_THREADS": "1"}
+    try:
+        yield env
+    finally:
+        run(["bash", str(LOCAL_SLURM), "stop", str(d)], timeout=90)
+
+
+CRASH_RUN = ("solver.max_iter=24 solver.steps=[20] solver.warmup_iters=2 train.log_period=2 "
+             "train.checkpoint_period=4 train.eval_images=8 train.num_visualizations=0")
+
+
+def attempts(out: Path) -> list[str]:
+    return (out / "slurm" / "attempts.log").read_text().splitlines()
+
+
+def test_killed_rank_requeues_on_another_node_and_completes(two_nodes, tmp_path):
+    out = tmp_path / "run"
+    job = submit([str(REPO / "slurm/smoke.sh")], two_nodes, tmp_path,
+                 {"OUTPUT_DIR": str(out), "EXTRA": CRASH_RUN, "HVD_MEGDET_FAULT": "rank:1,iter:10,kind:kill"})
+    info = wait_for(job, two_nodes, timeout=400)
+    log = batch_output(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    first, second = attempts(out)
+    m = re.match(r"attempt=1 class=crash exit=\d+ seconds=\d+ first_failure=1@(gpu0[12]) reason=\"Killed\" "
+                 r"action=requeue \(1 of 3 restarts\) excluding node (gpu0[12])", first)
+    assert m and m[1] == m[2], first
+    assert second.startswith("attempt=2 class=done"), second
+    assert info["NodeList"] != m[1] and info["ExcNodeList"] == m[1], info   # moved off the failed node
+    rank0 = (out / "logs" / "rank-00000.log").read_text()
+    assert "attempt 2, restarted after: attempt=1 class=crash" in rank0
+    resumed = int(re.search(r"resumed from .*: world size 2 -> 2, \d+ images seen, iteration (\d+) of 24", rank0)[1])
+    assert resumed == 8 and 10 - resumed <= 4                                # redone <= the checkpoint period
+    recs = records(out)
+    assert recs[-1]["iteration"] == 24 and sorted({r["iteration"] for r in recs}) == list(range(2, 25, 2))
+    for k in (0, 1):  # every attempt's per-rank output stays
+        assert (out / "slurm" / f"attempt-{k}" / "rank-0.out").is_file()
+
+
+def test_crashes_beyond_max_restarts_fail_with_a_summary(two_nodes, tmp_path):
+    out = tmp_path / "run"
+    job = submit([str(REPO / "slurm/smoke.sh")], two_nodes, tmp_path,
+                 {"OUTPUT_DIR": str(out), "EXTRA": CRASH_RUN, "MAX_RESTARTS": "1",
+                  "HVD_MEGDET_FAULT": "rank:0,iter:3,kind:raise,attempt:any"})
+    info = wait_for(job, two_nodes, timeout=400)
+    log = batch_output(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", log
+    lines = attempts(out)
+    assert len(lines) == 2 and all("class=crash" in line and "InjectedFault" in line for line in lines), lines
+    assert "excluding" not in lines[0]                    # a Python exception is no node problem
+    assert "action=fail (MAX_RESTARTS=1 spent)" in lines[1]
+    assert "after 1 restarts: giving up" in log and lines[0] in log, log
 
 
 def test_failing_rank_fails_the_job(cluster, tmp_path):
@@ -110,7 +195,9 @@ def test_failing_rank_fails_the_job(cluster, tmp_path):
                  {"OUTPUT_DIR": str(out), "EXTRA": f"data.dataset=coco data.root={tmp_path}/nowhere"})
     info = wait_for(job, cluster, timeout=200)
     log = batch_output(tmp_path, job)
-    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", log
+    # a user error: FAILED at once with exit 2, never requeued
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", log
+    assert "class=user_error" in (out / "slurm" / "attempts.log").read_text() and "user error on rank" in log
     for r in range(2):
         for f in (out / "slurm" / "attempt-0" / f"rank-{r}.out", out / "logs" / f"rank-{r:05d}.log"):
             text = f.read_text()
