@@ -76,6 +76,7 @@ def main() -> int:
         kind = res["class"]
         culprit = (res["first_rank"], res["first_host"], res["first_reason"]) if res["first_rank"] >= 0 else None
         history.append({"attempt": attempt + 1, "exit": code, "class": kind, "seconds": round(time.time() - t0, 1),
+                        "ended": round(time.time(), 3),
                         "first_failure": culprit, "hosts": host_arg})
         print(f"== run.py: attempt {attempt + 1} ended: exit {code}, {kind}"
               + (f"; first failure: rank {culprit[0]} on {culprit[1]}: {culprit[2]}" if culprit else ""), flush=True)

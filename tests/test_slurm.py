@@ -19,10 +19,9 @@ LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    d = tmp_path_factory.mktemp("slurm")
-    res = run(["bash", str(LOCAL_SLURM), "start", str(d)], timeout=90)
+def local_cluster(d: Path, *start: str):
+    """Start scripts/local_slurm.sh in ``d``; yield the environment that submits to it; stop it."""
+    res = run(["bash", str(LOCAL_SLURM), start[0], str(d), *start[1:]], timeout=90)
     assert res.returncode == 0, res.stdout
     env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf"), "PATH": f"{BIN}:{os.environ['PATH']}",
            "REPO": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -30,6 +29,11 @@ def cluster(tmp_path_factory):
         yield env
     finally:
         run(["bash", str(LOCAL_SLURM), "stop", str(d)], timeout=90)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from local_cluster(tmp_path_factory.mktemp("slurm"), "start")
 
 
 def job_info(job: str, env) -> dict:
@@ -132,15 +136,7 @@ def test_signals_checkpoint_requeue_and_resume(cluster, tmp_path, signal, full):
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     """Two pretend nodes (gpu01, gpu02) with 2 CPUs each on this machine: a job can move."""
-    d = tmp_path_factory.mktemp("slurm2")
-    res = run(["bash", str(LOCAL_SLURM), "start-fake", str(d), "2", "0", "2"], timeout=90)
-    assert res.returncode == 0, res.stdout
-    env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf"), "PATH": f"{BIN}:{os.environ['PATH']}",
-           "REPO": str(REPO), "OMP_NUM_THREADS": "1"}
-    try:
-        yield env
-    finally:
-        run(["bash", str(LOCAL_SLURM), "stop", str(d)], timeout=90)
+    yield from local_cluster(tmp_path_factory.mktemp("slurm2"), "start-fake", "2", "0", "2")
 
 
 CRASH_RUN = ("solver.max_iter=24 solver.steps=[20] solver.warmup_iters=2 train.log_period=2 "
