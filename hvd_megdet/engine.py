@@ -54,31 +54,8 @@ class Trainer:
         dist.seed_all(cfg.train.seed, per_rank=False)  # identical init everywhere (then broadcast anyway)
         self.plan = plan_mod.resolve(cfg, dist.size(), training)
         self.sched = self.plan.schedule
-        bn_ranks = None
-        if training:  # BN groups are a training concern: evaluation runs on any world size
-            bn = self.plan.bn
-            dist.init(bn_group_size=bn.ranks)
-            bn_ranks = bn.ranks
-            if cfg.model.norm == "syncbn":
-                log.info("BN groups: %d x %d ranks x %d images = BN size %d images", bn.groups, bn.ranks,
-                         cfg.solver.images_per_rank, bn.images)
-            if bn.notice:
-                log.warning("%s", bn.notice)
-        weights = backbone_weights_path(cfg.model)  # a bad name fails here, on every rank alike
-        if dist.local_rank() == 0:
-            data.prepare(cfg.data, log)
-            fetch_backbone_weights(cfg.model, log)
-        dist.barrier()
-        if weights:  # TORCH_HOME may be node-local: every rank learns of a node that lacks the file
-            missing = {h for h, ok in dist.allgather_object((socket.gethostname(), weights[0].is_file()),
-                                                            name="backbone_weights") if not ok}
-            if missing:
-                raise WeightsError(
-                    f"model.backbone_weights={cfg.model.backbone_weights}: {weights[0]} not found on "
-                    f"{sorted(missing)}" + (f" and could not be downloaded: place {weights[1]} there" if weights[1] else ""))
-        if dist.is_main() and cfg.model.backbone == "resnet50" and not cfg.model.backbone_weights:
-            log.warning("model.backbone_weights is empty: the backbone starts from random weights, not the "
-                        "paper's recipe (ImageNet-pretrained ResNet-50): set model.backbone_weights=IMAGENET1K_V1")
+        bn_ranks = self._register_bn_groups() if training else None  # evaluation runs on any world size
+        self._prepare_data_and_weights()
         self.val_ds = data.val_dataset(cfg.data)
         check_image_files(self.val_ds)
         self.model = build_model(cfg, self.val_ds.num_classes, bn_ranks).to(self.device)
@@ -99,6 +76,37 @@ class Trainer:
             log.info("LR schedule: %s (base lr %g for %d images, %d ranks x %d images x %d passes)",
                      self.sched.describe(), cfg.solver.base_lr, cfg.solver.reference_batch, dist.size(),
                      cfg.solver.images_per_rank, cfg.solver.backward_passes_per_step)
+
+    def _register_bn_groups(self) -> int:
+        """The training BN groups (plan.py) as Horovod process sets; returns ranks per group."""
+        bn, cfg = self.plan.bn, self.cfg
+        dist.init(bn_group_size=bn.ranks)
+        if cfg.model.norm == "syncbn":
+            self.log.info("BN groups: %d x %d ranks x %d images = BN size %d images", bn.groups, bn.ranks,
+                          cfg.solver.images_per_rank, bn.images)
+        if bn.notice:
+            self.log.warning("%s", bn.notice)
+        return bn.ranks
+
+    def _prepare_data_and_weights(self) -> None:
+        """One rank per node generates data / downloads weights; every rank then checks the weights
+        file on its own node (TORCH_HOME may be node-local), so all fail alike if one lacks it."""
+        cfg, log = self.cfg, self.log
+        weights = backbone_weights_path(cfg.model)  # a bad name fails here, on every rank alike
+        if dist.local_rank() == 0:
+            data.prepare(cfg.data, log)
+            fetch_backbone_weights(cfg.model, log)
+        dist.barrier()
+        if weights:
+            missing = {h for h, ok in dist.allgather_object((socket.gethostname(), weights[0].is_file()),
+                                                            name="backbone_weights") if not ok}
+            if missing:
+                raise WeightsError(
+                    f"model.backbone_weights={cfg.model.backbone_weights}: {weights[0]} not found on "
+                    f"{sorted(missing)}" + (f" and could not be downloaded: place {weights[1]} there" if weights[1] else ""))
+        if dist.is_main() and cfg.model.backbone == "resnet50" and not cfg.model.backbone_weights:
+            log.warning("model.backbone_weights is empty: the backbone starts from random weights, not the "
+                        "paper's recipe (ImageNet-pretrained ResNet-50): set model.backbone_weights=IMAGENET1K_V1")
 
     # --- checkpoints -----------------------------------------------------
     def sync_bn_statistics(self, why: str) -> None:

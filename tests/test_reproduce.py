@@ -31,7 +31,7 @@ def test_quick_grid(tmp_path):
                 "AP50", "diverged", "wall_s", "norm"} <= set(c)
         assert c["images"] == summary["images_per_cell"] == 160
     assert trained["diverged"] is False and trained["iterations"] == 160 // 4 and trained["exit"] == 0
-    assert trained["bn_size"] == 4 and trained["lr"] == 0.02 * 4 / 8
+    assert trained["bn_size"] == 4 and trained["lr"] == reproduce.BASE_LR * 4 / 8
     assert trained["loss_curve"][-1][0] == 160 and trained["AP"] >= 0
     assert blown["diverged"] is True and blown["exit"] != 0 and blown["AP"] == 0.0
     png = (tmp_path / "megdet_miniature.png").read_bytes()
