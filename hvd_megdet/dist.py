@@ -35,7 +35,8 @@ def current_collective() -> str | None:
     return _in_collective[-1] if _in_collective else None
 
 
-def _blocking(what: str, fn, *args, **kwargs):
+def blocking(what: str, fn, *args, **kwargs):
+    """Call ``fn``, recorded as waiting in collective ``what`` (for the watchdog's report)."""
     _in_collective.append(what)
     try:
         return fn(*args, **kwargs)
@@ -174,25 +175,25 @@ def allreduce(tensor: torch.Tensor, op=Sum, name: str | None = None, process_set
     if size() == 1:
         return tensor.clone()
     kw = {"process_set": process_set} if process_set is not None else {}
-    return _blocking(name or "allreduce", hvd.allreduce, tensor, op=op, name=name, **kw)
+    return blocking(name or "allreduce", hvd.allreduce, tensor, op=op, name=name, **kw)
 
 
 def allgather_object(obj: Any, name: str | None = None) -> list[Any]:
     """Every rank gets the list of every rank's ``obj`` (picklable), ordered by rank."""
     if size() == 1:
         return [obj]
-    return _blocking(name or "allgather_object", hvd.allgather_object, obj, name=name)
+    return blocking(name or "allgather_object", hvd.allgather_object, obj, name=name)
 
 
 def broadcast_object(obj: Any, root: int = 0, name: str | None = None) -> Any:
     if size() == 1:
         return obj
-    return _blocking(name or "broadcast_object", hvd.broadcast_object, obj, root_rank=root, name=name)
+    return blocking(name or "broadcast_object", hvd.broadcast_object, obj, root_rank=root, name=name)
 
 
 def barrier() -> None:
     if size() > 1:
-        _blocking("barrier", hvd.barrier)
+        blocking("barrier", hvd.barrier)
 
 
 def average_scalars(values: dict[str, float], name: str = "average_scalars") -> dict[str, float]:

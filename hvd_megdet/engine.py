@@ -270,7 +270,8 @@ class Trainer:
                     self.watchdog.beat("backward")
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                 self.watchdog.beat("optimizer step (gradient allreduce)")
-                optim.step(self.optimizer, self.model, cfg.solver.clip_grad_norm, self.scaler)
+                dist.blocking("gradient allreduce", optim.step, self.optimizer, self.model,
+                              cfg.solver.clip_grad_norm, self.scaler)
                 seen_before = self.images
                 self.images += sched.global_batch
                 self.iteration += 1

@@ -40,6 +40,9 @@ def write_status(kind: str, reason: str) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         rec = {"class": kind, "rank": dist.rank(), "size": dist.size(), "host": socket.gethostname(),
                "pid": os.getpid(), "time": time.time(), "reason": reason[:2000]}
-        Path(folder, f"{kind}-rank-{dist.rank():05d}.json").write_text(json.dumps(rec))
+        path = Path(folder, f"{kind}-rank-{dist.rank():05d}.json")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, path)  # a rank killed mid-write leaves no half file
     except OSError:
         pass  # the exit code still says it

@@ -56,6 +56,8 @@ class Watchdog:
             idle = time.monotonic() - self._last
             if self._paused or idle < self.timeout_s:
                 continue
+            # the log or status write may block too (a stuck filesystem is one of the hangs): exit anyway
+            threading.Timer(30, os._exit, (EXIT_CRASH,)).start()
             where = dist.current_collective()
             reason = (f"no progress for {idle:.0f} s at iteration {self.iteration} ({self.phase}): " +
                       (f"waiting in collective '{where}' for a peer that is stuck" if where else

@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +42,18 @@ def rank_hosts(hosts: list[tuple[str, int]], np_: int) -> list[str]:
     return [h for h, slots in hosts for _ in range(slots)][:np_]
 
 
+def status_dir(train_args: list[str], attempt: int) -> Path:
+    """Where ranks write their status files: under the (shared) --output-dir when given, so that
+    ranks on other hosts are heard too; else a local temporary folder (single host)."""
+    for flag, value in zip(train_args, train_args[1:]):
+        if flag == "--output-dir":
+            d = Path(value) / "status" / f"attempt-{attempt}"
+            shutil.rmtree(d, ignore_errors=True)  # an output dir reused by a new run: no stale verdicts
+            d.mkdir(parents=True)
+            return d
+    return Path(tempfile.mkdtemp(prefix=f"hvd_megdet-attempt{attempt}-"))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-restarts", type=int, default=3, help="relaunches after crashes (default 3)")
@@ -57,7 +71,7 @@ def main() -> int:
     history = []
     attempt, last_failure = 0, ""
     while True:
-        status = Path(tempfile.mkdtemp(prefix=f"hvd_megdet-attempt{attempt}-"))
+        status = status_dir(train_args, attempt)
         host_arg = ",".join(f"{h}:{s}" for h, s in hosts)
         argv = list(train_args) + (["--resume"] if attempt > 0 and "--resume" not in train_args else [])
         cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(args.np), "-H", host_arg,
@@ -66,7 +80,7 @@ def main() -> int:
                "HVD_MEGDET_LAST_FAILURE": last_failure}
         print(f"== run.py: attempt {attempt + 1} of at most {args.max_restarts + 1}: {' '.join(cmd)}", flush=True)
         t0 = time.time()
-        lines = []
+        lines: deque[str] = deque(maxlen=5000)  # the launcher's report of the first death is near the end
         with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
             for line in proc.stdout:  # streamed through, kept for the launcher's report of the first death
                 sys.stdout.write(line)

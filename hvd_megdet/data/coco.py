@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 
 from hvd_megdet.errors import UserError
@@ -114,7 +114,8 @@ class CocoDetection(torch.utils.data.Dataset):
         path = self.image_dir / info["file_name"]
         try:
             image = Image.open(path).convert("RGB")
-        except (OSError, ValueError) as e:
+        except (FileNotFoundError, UnidentifiedImageError, ValueError) as e:  # bad input: a user error;
+            # any other OSError (EIO, ESTALE on a shared filesystem) stays a crash, and is restarted
             raise DataError(f"cannot read image {path} (image id {image_id}): {e}") from None
         boxes, cats = valid_boxes(self.coco.imgToAnns.get(image_id, []), image.width, image.height)
         target = {
