@@ -161,7 +161,7 @@ def test_killed_rank_requeues_on_another_node_and_completes(two_nodes, tmp_path)
     assert " attempt=2 class=done" in second, second
     assert info["NodeList"] != m[1] and info["ExcNodeList"] == m[1], info   # moved off the failed node
     rank0 = (out / "logs" / "rank-00000.log").read_text()
-    assert "attempt 2, restarted after: attempt=1 class=crash" in rank0
+    assert re.search(r"attempt 2, restarted after: job=\d+ attempt=1 class=crash .*first_failure=1@gpu0", rank0)
     resumed = int(re.search(r"resumed from .*: world size 2 -> 2, \d+ images seen, iteration (\d+) of 24", rank0)[1])
     assert resumed == 8 and 10 - resumed <= 4                                # redone <= the checkpoint period
     recs = records(out)
