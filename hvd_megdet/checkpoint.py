@@ -82,11 +82,6 @@ def list_checkpoints(output_dir) -> list[Path]:
     return sorted((p for p in d.iterdir() if _NAME.match(p.name) or _LEGACY.match(p.name)), key=order)
 
 
-def latest(output_dir) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
 class CheckpointError(UserError):
     """A checkpoint that cannot be read; the message names the file."""
 

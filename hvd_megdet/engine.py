@@ -64,6 +64,7 @@ class Trainer:
         dist.broadcast_parameters(self.model.state_dict())  # every rank starts from rank 0's weights
         self.amp = cfg.solver.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp and training else None
+        self.watchdog: Watchdog | None = None  # runs during train()
         self.images = 0          # progress: images seen by all ranks together (the unit that survives resizes)
         self.iteration = 0       # iterations of this world size's global batch (derived on resume)
         self._bn_sync_logged = False
@@ -131,8 +132,7 @@ class Trainer:
 
     def _unwatched(self):
         """Rank 0 alone writes checkpoints and runs COCOeval while the others wait: no stall clock."""
-        wd = getattr(self, "watchdog", None)
-        return wd.paused() if wd else contextlib.nullcontext()
+        return self.watchdog.paused() if self.watchdog else contextlib.nullcontext()
 
     def _save_checkpoint(self, marker: str | None) -> None:
         self.sync_bn_statistics("checkpoint")
@@ -147,16 +147,21 @@ class Trainer:
         dist.barrier()
 
     def resume(self) -> None:
-        """``--resume``: the output dir's newest readable checkpoint (unreadable newer ones are
-        skipped with a warning), after removing temporary files of interrupted saves."""
+        """``--resume`` / ``--eval-only``: the output dir's newest readable checkpoint (unreadable
+        newer ones are skipped with a warning); training first removes temporary files of
+        interrupted saves (evaluation must not: a training job may be saving into the same dir)."""
         path = state = None
         if dist.is_main():
-            checkpoint.remove_stale_temporaries(self.out, self.log)
+            if self.training:
+                checkpoint.remove_stale_temporaries(self.out, self.log)
             path, state = checkpoint.newest_valid(self.out, self.log)
         self._restore(path, state)
 
-    def load_checkpoint(self, path: Path) -> None:
-        self._restore(path, checkpoint.load(path) if dist.is_main() else None)
+    def load_checkpoint(self, path: Path, state: dict | None = None) -> None:
+        """Load ``path`` (or its already loaded ``state``) on rank 0 and share it."""
+        if dist.is_main() and state is None:
+            state = checkpoint.load(path)
+        self._restore(path, state)
 
     def _restore(self, path: Path | None, state: dict | None) -> None:
         """Rank 0's ``state`` to every rank: parameters, optimizer and scaler state, progress in
@@ -167,19 +172,25 @@ class Trainer:
             return
         meta = None
         if dist.is_main():
-            self.model.load_state_dict(state["model"])
-            if self.training:
-                self.optimizer.load_state_dict(state["optimizer"])
-            legacy_batch = state.get("schedule", {}).get("global_batch", self.sched.global_batch)
-            meta = {"rng": state.get("rng"), "world_size": state.get("world_size"),
-                    "images": state.get("images", state["iteration"] * legacy_batch),
-                    "iteration": state["iteration"], "scaler": state.get("scaler")}
+            try:  # a checkpoint of another model or config: every rank must learn it, not hang
+                self.model.load_state_dict(state["model"])
+                if self.training:
+                    self.optimizer.load_state_dict(state["optimizer"])
+                legacy_batch = state.get("schedule", {}).get("global_batch", self.sched.global_batch)
+                meta = {"rng": state.get("rng"), "world_size": state.get("world_size"),
+                        "images": state.get("images", state["iteration"] * legacy_batch),
+                        "iteration": state["iteration"], "scaler": state.get("scaler")}
+            except (KeyError, ValueError, RuntimeError) as e:
+                meta = {"error": f"checkpoint {path} does not fit this model/config: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        meta = dist.broadcast_object(meta, name="ckpt_meta")
+        if "error" in meta:
+            raise checkpoint.CheckpointError(meta["error"])
         if self.training:
             # optimizer state first: Horovod initialises empty state with a step, which the
             # parameter broadcast then overwrites.
             dist.broadcast_optimizer_state(self.optimizer)
         dist.broadcast_parameters(self.model.state_dict())
-        meta = dist.broadcast_object(meta, name="ckpt_meta")
         self.images = meta["images"]
         if not self.training:  # report the checkpoint's own iteration
             self.iteration = meta["iteration"]

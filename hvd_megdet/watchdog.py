@@ -12,6 +12,7 @@ works alone for minutes.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import threading
 import time
@@ -62,9 +63,10 @@ class Watchdog:
             reason = (f"no progress for {idle:.0f} s at iteration {self.iteration} ({self.phase}): " +
                       (f"waiting in collective '{where}' for a peer that is stuck" if where else
                        "stuck outside any collective: this rank is the one that hangs"))
-            self.log.error("watchdog: %s; ending this rank so that the job ends", reason)
+            self.log.error("watchdog: %s; ending this rank so that the job ends (stacks on stderr)", reason)
             for h in self.log.handlers:
                 h.flush()
+            faulthandler.dump_traceback(all_threads=True)  # where every thread is stuck
             if self.on_stall:
                 self.on_stall(reason)
             os._exit(EXIT_CRASH)

@@ -18,11 +18,11 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args()  # options and overrides in any order
     ckpt = Path(args.checkpoint)
-    saved = checkpoint.load(ckpt)["config"]  # every rank: a missing or corrupt file fails everywhere alike
-    cfg = config.from_dict(saved, args.overrides)
+    state = checkpoint.load(ckpt)  # every rank: a missing or corrupt file fails everywhere alike
+    cfg = config.from_dict(state["config"], args.overrides)
     out, log = app.start(cfg, args.output_dir or ckpt.resolve().parent.parent, write_config=False)
     trainer = Trainer(cfg, out, log, training=False)  # no BN groups: any world size
-    trainer.load_checkpoint(ckpt)
+    trainer.load_checkpoint(ckpt, state)
     trainer.evaluate()
     return 0
 

@@ -3,10 +3,14 @@
 
 With no arguments: the embedded shapes_tiny demo into outputs/shapes_tiny/.
 """
-import argparse
+from hvd_megdet import signals
 
-from hvd_megdet import app, config, plan
-from hvd_megdet.engine import Trainer
+signals.stop_flag()  # before the heavy imports: a preemption signal during start-up is kept, not fatal
+
+import argparse  # noqa: E402
+
+from hvd_megdet import app, config, plan  # noqa: E402
+from hvd_megdet.engine import Trainer  # noqa: E402
 
 
 def parse_args():

@@ -3,6 +3,8 @@ killed or hung job, checkpoints that hold (a truncated newest one, stale tempora
 classification of an attempt from status files and launcher output."""
 import json
 import re
+import signal
+import subprocess
 import sys
 import time
 
@@ -92,6 +94,24 @@ def test_truncated_newest_checkpoint_is_skipped_and_temporaries_removed(tmp_path
     assert f"removed {stale}" in log and not stale.exists()
     assert re.search(r"resumed from .*model_img0000000016.pth: world size 1 -> 1, 16 images seen, iteration 4", log)
     assert metrics(out)[-1]["images"] == 64
+
+
+def test_signal_during_start_up_checkpoints_at_the_first_iteration(tmp_path):
+    """SIGUSR1 while the process is still importing torch and starting Horovod: not fatal, the
+    job checkpoints after its first iteration and exits 75 with the PREEMPTED marker."""
+    out = tmp_path / "run"
+    argv = [sys.executable, str(REPO / "scripts/train.py"), "--output-dir", str(out), f"data.root={tmp_path}/shapes",
+            *SMALL, "solver.images_per_rank=4"]
+    proc = subprocess.Popen(argv, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.0)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGUSR1)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stdout
+    log = (out / "logs" / "rank-00000.log").read_text()
+    assert "training from iteration 0" in log and "stop requested (signal on some rank) at iteration 1" in log
+    assert (out / "PREEMPTED").read_text().strip() == "1"
+    assert [p.name for p in (out / "checkpoints").glob("*.pth")] == ["model_img0000000004.pth"]
 
 
 def test_fault_spec():

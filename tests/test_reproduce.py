@@ -32,7 +32,8 @@ def test_quick_grid(tmp_path):
         assert c["images"] == summary["images_per_cell"] == 160
     assert trained["diverged"] is False and trained["iterations"] == 160 // 4 and trained["exit"] == 0
     assert trained["bn_size"] == 4 and trained["lr"] == reproduce.BASE_LR * 4 / 8
-    assert trained["loss_curve"][-1][0] == 160 and trained["AP"] >= 0
+    curve = trained["loss_curve"]
+    assert curve[-1][0] == 160 and curve[-1][1] < curve[0][1]          # it trained: the loss fell
     assert blown["diverged"] is True and blown["exit"] != 0 and blown["AP"] == 0.0
     png = (tmp_path / "megdet_miniature.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -181,6 +181,16 @@ def _write_bad_json(root):
     return ["data.val_annotations=annotations/bad.json"]
 
 
+def _foreign_checkpoint(root):
+    """--resume from a checkpoint of another model: rank 0 finds out, every rank must say so."""
+    import torch
+    d = root.parent / "out" / "checkpoints"
+    d.mkdir(parents=True)
+    torch.save({"model": {"other.weight": torch.zeros(1)}, "optimizer": {}, "iteration": 1, "images": 4},
+               d / "model_img0000000004.pth")
+    return ["--resume"]
+
+
 def _delete_image(root):
     (root / "val" / "000002.jpg").unlink()
     return []
@@ -192,6 +202,7 @@ CASES = {
                             "annotation file not found: .*missing.json"),
     "malformed_annotations": (_write_bad_json, "not valid JSON: .*bad.json"),
     "missing_image": (_delete_image, "000002.jpg"),
+    "foreign_checkpoint": (_foreign_checkpoint, "CheckpointError: checkpoint .*model_img0000000004.pth does not fit"),
     "unknown_key": (lambda root: ["solver.learning_rate=0.1"], "solver.learning_rate"),
     "bad_value": (lambda root: ["solver.images_per_rank=0"], "solver.images_per_rank"),
     "bn_group": (lambda root: ["model.bn_group_size=3"], "BN group size 3 does not divide the world size 2"),
