@@ -20,10 +20,26 @@ DEFAULT_OUTPUT_ROOT = "outputs"
 EXIT_GRACE_S = 2.0
 
 
+def output_path(cfg: config_mod.Config, output_dir: str | None) -> Path:
+    """The run's output folder: ``output_dir``, else outputs/<config name>."""
+    return Path(output_dir or Path(DEFAULT_OUTPUT_ROOT) / cfg.name).expanduser().resolve()
+
+
+def horovod_timeline(cfg: config_mod.Config, output_dir: str | None) -> str:
+    """``train.timeline`` as the absolute path Horovod wants before ``hvd.init`` ("" = off): a
+    relative path is taken in the output folder, which is created for it (rank 0's Horovod opens
+    the file inside ``hvd.init``, before :func:`start` runs)."""
+    if not cfg.train.timeline:
+        return ""
+    path = output_path(cfg, output_dir) / Path(cfg.train.timeline).expanduser()  # an absolute one stays
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
 def start(cfg: config_mod.Config, output_dir: str | None, write_config: bool = True):
     """Create the output folder and this rank's log. Returns (out, logger). (BN groups are
     registered by the Trainer, for training only: evaluation runs on any world size.)"""
-    out = Path(output_dir or Path(DEFAULT_OUTPUT_ROOT) / cfg.name).expanduser().resolve()
+    out = output_path(cfg, output_dir)
     try:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         probe = out / "logs" / f".write-test-{dist.rank()}"
@@ -46,15 +62,16 @@ def start(cfg: config_mod.Config, output_dir: str | None, write_config: bool = T
     return out, log
 
 
-def run(main, init_horovod: bool = True) -> None:
+def run(main, init_horovod: bool = True, timeline=None) -> None:
     """Run ``main() -> exit code`` on this rank and exit with a code that says what happened
     (hvd_megdet/errors.py): 0 done, 75 preempted, 2 user error, 1 crash. On an exception, log it
     with the rank, write this rank's status file for the launcher, and exit at once
-    (``os._exit``: no interpreter teardown that could wait on dead peers)."""
+    (``os._exit``: no interpreter teardown that could wait on dead peers). ``timeline() -> path``
+    (optional): Horovod's timeline file, asked for before Horovod starts."""
     signals.stop_flag()  # from the first instant: a preemption signal during start-up is kept
     try:
         if init_horovod:
-            dist.init()
+            dist.init(timeline=timeline() if timeline else "")
         code = main()
     except BaseException as e:  # noqa: BLE001 - every failure must end the job, never hang it
         if isinstance(e, SystemExit) and not e.code:

@@ -58,6 +58,10 @@ class ModelConfig:
                                           # FrozenBatchNorm2d
     backbone_weights: str = ""            # "" = random init, a local .pth of an ImageNet ResNet, or a
                                           # torchvision name (IMAGENET1K_V1, IMAGENET1K_V2) from TORCH_HOME
+    weights: str = ""                     # fine-tuning: the whole detector's weights, "" = none: an
+                                          # hvd_megdet checkpoint, a detector state dict, or COCO_V1
+                                          # (torchvision's fasterrcnn_resnet50_fpn, from TORCH_HOME);
+                                          # another number of classes re-initialises the box predictor
     representation_size: int = 1024       # box head MLP width
     box_detections_per_img: int = 100
     rpn_pre_nms_top_n_train: int = 2000
@@ -102,6 +106,9 @@ class TrainConfig:
     eval_images: int = 0                  # 0 = the whole val set
     num_visualizations: int = 8
     threads_per_rank: int = 0             # torch threads on CPU; 0 = leave torch's default
+    timeline: str = ""                    # Horovod timeline file (Chrome trace, written by rank 0); a relative
+                                          # path is in the output dir; "" = off (README "Horovod timeline")
+    device: str = "auto"                  # auto (CUDA when usable) | cuda (else a user error) | cpu
 
 
 @dataclass(frozen=True)
@@ -209,6 +216,17 @@ def validate(cfg: Config) -> None:
         ("solver.weight_decay", s.weight_decay >= 0, "must be >= 0"),
         ("solver.clip_grad_norm", s.clip_grad_norm >= 0, "must be >= 0"),
         ("solver.backward_passes_per_step", s.backward_passes_per_step >= 1, "must be >= 1"),
+        # Refused rather than fixed: hvd.DistributedOptimizer allreduces each gradient in a hook during
+        # backward, i.e. the LOSS-SCALED gradient (x 2^16 at first), before scaler.unscale_ can run; in
+        # fp16 (max 65504, and summed over all ranks before the average) it overflows, the GradScaler
+        # skips the step and halves its scale, again and again. A correct design would divide by the
+        # scale inside a scaler-aware Compression (and multiply back after), coupling optimizer and
+        # scaler for a bandwidth gain the fusion buffer mostly gives already.
+        ("solver.amp", not (s.amp and s.fp16_allreduce),
+         "cannot be combined with solver.fp16_allreduce=true: Horovod would compress the loss-scaled "
+         "gradients to fp16, where they overflow and the AMP GradScaler skips steps and lowers its scale "
+         "without end; keep solver.amp=true with solver.fp16_allreduce=false, or set solver.amp=false "
+         "to keep the fp16 allreduce"),
         ("train.log_period", t.log_period > 0, "must be > 0"),
         ("train.checkpoint_period", t.checkpoint_period > 0, "must be > 0"),
         ("train.checkpoint_minutes", t.checkpoint_minutes >= 0, "must be >= 0 (0 = off)"),
@@ -217,6 +235,7 @@ def validate(cfg: Config) -> None:
         ("train.eval_period", t.eval_period >= 0, "must be >= 0"),
         ("train.eval_images", t.eval_images >= 0, "must be >= 0"),
         ("train.threads_per_rank", t.threads_per_rank >= 0, "must be >= 0"),
+        ("train.device", t.device in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu"),
     ]
     for key, ok, why in checks:
         if not ok:

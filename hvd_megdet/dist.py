@@ -12,6 +12,7 @@ Horovod's dynamic process sets, because static ones must be listed before
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import socket
 from typing import Any, Iterable
@@ -21,6 +22,8 @@ import torch
 
 import horovod
 import horovod.torch as hvd
+
+from hvd_megdet.errors import UserError
 
 Sum = hvd.Sum
 Average = hvd.Average
@@ -48,11 +51,12 @@ class DistError(RuntimeError):
     """A distributed set-up error, raised identically on every rank before any collective."""
 
 
-def init(bn_group_size: int | Iterable[int] | None = None) -> None:
+def init(bn_group_size: int | Iterable[int] | None = None, timeline: str = "") -> None:
     """Initialise Horovod and register the process sets of the BN groups.
 
     ``bn_group_size``: one size or several (e.g. ``[2, 4]``); each must divide
-    ``size()``. Idempotent for the same sizes.
+    ``size()``. Idempotent for the same sizes. ``timeline``: a file for Horovod's timeline
+    (HOROVOD_TIMELINE, read only inside the first ``hvd.init``; rank 0 writes it).
     """
     if not hvd.is_initialized():
         # SyncBN makes 2 small synchronous allreduces per BN layer per iteration, each waiting for
@@ -64,11 +68,9 @@ def init(bn_group_size: int | Iterable[int] | None = None) -> None:
             # busy-wait steals them from compute (measured: 2.1 -> 2.7 it/s for shapes_tiny
             # on 2 ranks / 2 cores). Read by MPI_Init inside hvd.init; the user's value wins.
             os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+        if timeline:
+            os.environ["HOROVOD_TIMELINE"] = timeline
         hvd.init(process_sets="dynamic")
-        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-            # Before any CUDA work: otherwise every rank's first allocation, NCCL communicator and
-            # default-device RNG land on cuda:0.
-            torch.cuda.set_device(device())
     sizes = [] if bn_group_size is None else (
         [bn_group_size] if isinstance(bn_group_size, int) else list(bn_group_size))
     world = hvd.size()
@@ -149,11 +151,79 @@ def bn_group_ranks(group_size: int | None) -> list[int]:
     return list(range(start, start + k))
 
 
+class DeviceError(UserError, RuntimeError):
+    """The requested device cannot be had on this rank (no usable CUDA, too few GPUs)."""
+
+
+_device: list[torch.device] = []  # the device chosen by select_device()
+
+
+def cuda_facts() -> dict[str, Any]:
+    """What decides whether CUDA works here, for error messages and logs; never raises."""
+    import ctypes
+    facts: dict[str, Any] = {"torch_cuda": torch.version.cuda,
+                             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "unset")}
+    try:  # the driver's own version, even where torch cannot use it (too old for torch's CUDA)
+        v = ctypes.c_int()
+        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(v))
+        facts["driver_cuda"] = f"{v.value // 1000}.{v.value % 1000 // 10}"
+    except OSError:
+        facts["driver_cuda"] = "none (libcuda.so.1 not found: no NVIDIA driver)"
+    try:
+        torch.cuda.init()
+        facts["gpus"] = torch.cuda.device_count()
+    except Exception as e:  # noqa: BLE001 - torch's own reason is the message we want
+        facts["gpus"], facts["error"] = 0, str(e).strip().splitlines()[0]
+    return facts
+
+
+def select_device(kind: str = "auto") -> torch.device:
+    """This rank's device for ``train.device`` (auto | cuda | cpu); call before any CUDA work.
+
+    ``cuda`` without usable CUDA, or CUDA with more ranks on this host than visible GPUs (two ranks
+    on one GPU make NCCL fail later with "Duplicate GPU detected", which looks like a node fault),
+    is a DeviceError on the rank concerned before any collective. ``auto`` takes CUDA when usable."""
+    if kind not in ("auto", "cuda", "cpu"):
+        raise DeviceError(f"train.device={kind!r}: must be auto, cuda or cpu")
+    use_cuda = kind != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() > 0
+    where = f"rank {rank()} on {socket.gethostname()}"
+    if kind == "cuda" and not use_cuda:
+        f = cuda_facts()
+        raise DeviceError(
+            f"train.device=cuda but CUDA is not usable on {where}: {f.get('error', 'no GPU visible')}; "
+            f"torch {torch.__version__} is built for CUDA {f['torch_cuda']}, the driver supports CUDA "
+            f"{f['driver_cuda']}, CUDA_VISIBLE_DEVICES={f['CUDA_VISIBLE_DEVICES']} "
+            f"(set train.device=cpu to train on the CPU on purpose)")
+    if use_cuda:
+        gpus = torch.cuda.device_count()
+        if local_size() > gpus:
+            raise DeviceError(
+                f"{local_size()} ranks on {socket.gethostname()} but {gpus} visible GPU(s) ({where}, "
+                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one rank "
+                f"per GPU (e.g. srun --ntasks-per-node={gpus}, horovodrun -H host:{gpus})")
+        dev = torch.device("cuda", local_rank())
+        # Before any CUDA work: otherwise every rank's first allocation, NCCL communicator and
+        # default-device RNG land on cuda:0.
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    _device[:] = [dev]
+    return dev
+
+
 def device() -> torch.device:
-    """``cuda:local_rank`` when CUDA is usable, else CPU."""
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        return torch.device("cuda", local_rank() % torch.cuda.device_count())
-    return torch.device("cpu")
+    """The device chosen by :func:`select_device` (``auto`` if it was not called)."""
+    return _device[0] if _device else select_device("auto")
+
+
+def describe_device(dev: torch.device) -> str:
+    """One log line's worth: 'cuda:3 (NVIDIA H100 80GB HBM3, 79.1 GiB, driver CUDA 12.4)' or 'cpu'."""
+    if dev.type != "cuda":
+        return f"cpu ({torch.get_num_threads()} threads; CUDA {'not ' if not torch.cuda.is_available() else ''}available)"
+    p = torch.cuda.get_device_properties(dev)
+    return (f"{dev} ({p.name}, {p.total_memory / 2**30:.1f} GiB, torch CUDA {torch.version.cuda}, "
+            f"driver CUDA {cuda_facts()['driver_cuda']}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
 
 
 def seed_all(seed: int, per_rank: bool = True, salt: int = 0) -> int:
@@ -183,6 +253,28 @@ def allgather_object(obj: Any, name: str | None = None) -> list[Any]:
     if size() == 1:
         return [obj]
     return blocking(name or "allgather_object", hvd.allgather_object, obj, name=name)
+
+
+def gather_object(obj: Any, root: int = 0, name: str | None = None) -> list[Any] | None:
+    """``root`` gets the list of every rank's ``obj`` (picklable), ordered by rank; the others get
+    None. Horovod has no gather: one ``alltoall`` of the pickled bytes in which every rank sends
+    all its bytes to ``root`` and nothing elsewhere, so only root ever holds everyone's payload
+    (``allgather_object`` would put it on all 128 ranks). Horovod exchanges the per-rank sizes
+    inside the alltoall. MPI counts are C ints: the total at root must stay under 2 GiB."""
+    if size() == 1:
+        return [obj]
+    name = name or "gather_object"
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+    splits = torch.zeros(size(), dtype=torch.int32)
+    splits[root] = payload.numel()
+    received, counts = blocking(name, hvd.alltoall, payload, splits=splits, name=name)
+    if rank() != root:
+        return None
+    parts, start = [], 0
+    for n in counts.tolist():
+        parts.append(pickle.loads(received[start:start + n].numpy().tobytes()))
+        start += n
+    return parts
 
 
 def broadcast_object(obj: Any, root: int = 0, name: str | None = None) -> Any:
@@ -230,7 +322,8 @@ def environment() -> dict[str, Any]:
     import torchvision
     return {
         "rank": rank(), "size": size(), "local_rank": local_rank(), "local_size": local_size(),
-        "host": socket.gethostname(), "pid": os.getpid(), "device": str(device()),
+        "host": socket.gethostname(), "pid": os.getpid(),
+        "device": str(_device[0]) if _device else "(chosen from train.device)",
         "controller": controller(), "torch": torch.__version__, "torchvision": torchvision.__version__,
         "horovod": horovod.__version__, "mpi": mpi_library_version(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,

@@ -1,19 +1,16 @@
 """The training loop: plain, iteration-based, the same collectives in the same order on every rank.
 
 Per iteration: forward; ONE small allreduce carrying every rank's non-finite flag,
-stop request (preemption signal), time-based checkpoint request and losses (for
-logging); backward (gradients averaged by Horovod); step; periodic log / checkpoint /
-evaluation. A non-finite loss anywhere stops every rank together, before the backward
+BN-group check, stop request (preemption signal), time-based checkpoint request and losses
+(for logging), read back to the host once; backward (gradients averaged by Horovod); step;
+periodic log / checkpoint / evaluation. A non-finite loss anywhere stops every rank together, before the backward
 pass. Progress is counted in images seen (plan.py, lr_schedule.py), so periods and
 resume hold on any world size.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import socket
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,12 +18,14 @@ from pathlib import Path
 import torch
 
 from hvd_megdet import checkpoint, data, dist, evaluation, faults, optim, signals, sync_bn
+from hvd_megdet.progress import Progress, tensorboard
 from hvd_megdet import plan as plan_mod
 from hvd_megdet.config import Config, to_dict
 from hvd_megdet.data.transforms import to_device
 from hvd_megdet.errors import EXIT_PREEMPTED, write_status
 from hvd_megdet.watchdog import Watchdog
-from hvd_megdet.model import WeightsError, backbone_weights_path, build_model, describe_norms, fetch_backbone_weights
+from hvd_megdet.model import (WeightsError, build_model, describe_norms, fetch_weights, load_detector_weights,
+                              weights_path)
 
 PREEMPTED_EXIT_CODE = EXIT_PREEMPTED  # stopped on a signal after checkpointing; resume with --resume
 # Written by rank 0 once that checkpoint is complete, BEFORE the barrier that releases the other
@@ -48,7 +47,8 @@ class Trainer:
         # from the start: a preemption signal during set-up or resume is honoured at the first iteration
         self.stop = signals.stop_flag() if training else None
         self.fault = faults.from_env()  # tests only: HVD_MEGDET_FAULT
-        self.device = dist.device()
+        self.device = dist.select_device(cfg.train.device)  # a missing GPU fails here, before any collective
+        log.info("device: %s", dist.describe_device(self.device))
         if cfg.train.threads_per_rank:
             torch.set_num_threads(cfg.train.threads_per_rank)
         dist.seed_all(cfg.train.seed, per_rank=False)  # identical init everywhere (then broadcast anyway)
@@ -58,7 +58,9 @@ class Trainer:
         self._prepare_data_and_weights()
         self.val_ds = data.val_dataset(cfg.data)
         check_image_files(self.val_ds)
-        self.model = build_model(cfg, self.val_ds.num_classes, bn_ranks).to(self.device)
+        self.model = build_model(cfg, self.val_ds.num_classes, bn_ranks)
+        self._load_detector_weights()
+        self.model.to(self.device)
         dist.seed_all(cfg.train.seed, per_rank=True)  # per-rank RNG (RPN/ROI sampling); saved in checkpoints
         self.optimizer = optim.build_optimizer(self.model, cfg.solver, self.sched.lr_at(0)) if training else None
         dist.broadcast_parameters(self.model.state_dict())  # every rank starts from rank 0's weights
@@ -93,10 +95,13 @@ class Trainer:
         """One rank per node generates data / downloads weights; every rank then checks the weights
         file on its own node (TORCH_HOME may be node-local), so all fail alike if one lacks it."""
         cfg, log = self.cfg, self.log
-        weights = backbone_weights_path(cfg.model)  # a bad name fails here, on every rank alike
+        weights = weights_path(cfg.model, "backbone_weights")  # a bad name fails here, on every rank alike
+        weights_path(cfg.model, "weights")
         if dist.local_rank() == 0:
             data.prepare(cfg.data, log)
-            fetch_backbone_weights(cfg.model, log)
+            fetch_weights(cfg.model, "backbone_weights", log)
+            if dist.is_main():  # detector weights are read by rank 0 only (then broadcast)
+                fetch_weights(cfg.model, "weights", log)
         dist.barrier()
         if weights:
             missing = {h for h, ok in dist.allgather_object((socket.gethostname(), weights[0].is_file()),
@@ -105,9 +110,25 @@ class Trainer:
                 raise WeightsError(
                     f"model.backbone_weights={cfg.model.backbone_weights}: {weights[0]} not found on "
                     f"{sorted(missing)}" + (f" and could not be downloaded: place {weights[1]} there" if weights[1] else ""))
-        if dist.is_main() and cfg.model.backbone == "resnet50" and not cfg.model.backbone_weights:
+        if dist.is_main() and cfg.model.backbone == "resnet50" and not (cfg.model.backbone_weights or cfg.model.weights):
             log.warning("model.backbone_weights is empty: the backbone starts from random weights, not the "
                         "paper's recipe (ImageNet-pretrained ResNet-50): set model.backbone_weights=IMAGENET1K_V1")
+
+    def _load_detector_weights(self) -> None:
+        """``model.weights`` (fine-tuning): rank 0 loads the file into the model (parameters are
+        broadcast next); its verdict reaches every rank, so a bad file fails the job everywhere."""
+        if not self.cfg.model.weights:
+            return
+        verdict = None
+        if dist.is_main():
+            try:
+                verdict = {"info": load_detector_weights(self.model, self.cfg.model)}
+            except WeightsError as e:
+                verdict = {"error": str(e)}
+        verdict = dist.broadcast_object(verdict, name="detector_weights")
+        if "error" in verdict:
+            raise WeightsError(verdict["error"])
+        self.log.info("%s", verdict["info"])
 
     # --- checkpoints -----------------------------------------------------
     def sync_bn_statistics(self, why: str) -> None:
@@ -123,7 +144,8 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "images": self.images, "iteration": self.iteration, "world_size": dist.size(),
-                "global_batch": self.sched.global_batch, "config": to_dict(self.cfg), "schedule": asdict(self.sched)}
+                "global_batch": self.sched.global_batch, "config": to_dict(self.cfg), "schedule": asdict(self.sched),
+                "class_names": self.val_ds.class_names, "category_ids": self.val_ds.cat_ids}  # for predict.py
 
     def save_checkpoint(self, marker: str | None = None) -> None:
         """Rank 0 writes the checkpoint (and then ``marker``, e.g. PREEMPTED) before the barrier."""
@@ -210,39 +232,18 @@ class Trainer:
                       self.sched.lr_at(self.images))
 
     # --- training --------------------------------------------------------
-    def _agree(self, loss: torch.Tensor, losses: dict, stop: bool, checkpoint_due: bool, bn_problem: bool):
-        """One allreduce: which ranks saw a non-finite loss or an invalid BN group batch, whether any
-        rank must stop or asks for a time-based checkpoint, mean losses."""
-        n, keys = dist.size(), sorted(losses)
-        v = torch.zeros(2 * n + 2 + len(keys), dtype=torch.float64)
-        v[dist.rank()] = float(not math.isfinite(float(loss.detach())))
-        v[n + dist.rank()] = float(bn_problem)
-        v[2 * n], v[2 * n + 1] = float(stop), float(checkpoint_due)
-        v[2 * n + 2:] = torch.tensor([float(losses[k]) for k in keys], dtype=torch.float64)
-        v = dist.allreduce(v, op=dist.Sum, name="iteration_status")
-        bad = [r for r in range(n) if v[r] > 0]
-        bad_bn = [r for r in range(n) if v[n + r] > 0]
-        means = {k: float(x) / n for k, x in zip(keys, v[2 * n + 2:].tolist())}
-        return bad, bad_bn, bool(v[2 * n] > 0), bool(v[2 * n + 1] > 0), means
-
     def train(self, until_images: int | None = None) -> int:
         """Train until the schedule's total images (or ``until_images``, checkpointed there) or a
         stop signal; returns 0 or PREEMPTED_EXIT_CODE. Evaluates at the end of the schedule."""
-        cfg, sched, plan, passes = self.cfg, self.sched, self.plan, self.cfg.solver.backward_passes_per_step
+        cfg, sched, plan = self.cfg, self.sched, self.plan
         end = sched.total_images if until_images is None else min(until_images, sched.total_images)
         end_iter = self.iteration + sched.iters(max(end - self.images, 0))
-        train_ds = data.train_dataset(cfg.data)
-        if train_ds.cat_ids != self.val_ds.cat_ids:
-            raise data.DataError(f"train and val annotation files have different categories: "
-                                 f"{train_ds.ann_file} vs {self.val_ds.ann_file}")
-        check_image_files(train_ds)
-        self.log.info("training on %d images from %s", len(train_ds), train_ds.ann_file)
-        loader = data.train_loader(train_ds, cfg.data, cfg.solver.images_per_rank, dist.rank(),
-                                   dist.size(), cfg.train.seed, self.images)
-        batches = iter(loader)
-        writer = self._tensorboard()
-        metrics_file = open(self.out / "metrics.jsonl", "a") if dist.is_main() else None
-        progress = Progress(self.iteration, end_iter, self.log) if dist.is_main() else None
+        train_ds = self._train_dataset()
+        batches = iter(data.train_loader(train_ds, cfg.data, cfg.solver.images_per_rank, dist.rank(),
+                                         dist.size(), cfg.train.seed, self.images))
+        writer = tensorboard(self.out) if dist.is_main() else None
+        progress = Progress(self.out, self.iteration, end_iter, cfg.train.log_period, self.log, writer) \
+            if dist.is_main() else None
         self.model.train()
         self._last_checkpoint = time.monotonic()
         self.watchdog = Watchdog(60 * cfg.train.stall_minutes, self.log,
@@ -251,52 +252,12 @@ class Trainer:
                       self.iteration, end_iter, self.images, end, sched.total_images)
         try:
             while self.images < end:
-                self.watchdog.beat("data and forward", self.iteration)
-                poison = self.fault.fire(self.log) if self.fault and self.fault.due(dist.rank(), self.iteration) \
-                    else False
-                lr = sched.lr_at(self.images)
-                optim.set_lr(self.optimizer, lr)
-                self.optimizer.zero_grad()
-                due = plan.checkpoint_minutes > 0 and \
-                    time.monotonic() - self._last_checkpoint >= 60 * plan.checkpoint_minutes
-                sums: dict[str, float] = {}
-                for _ in range(passes):
-                    images, targets = to_device(*next(batches), self.device)
-                    with torch.autocast(self.device.type, enabled=self.amp):
-                        losses = self.model(images, targets)
-                    bn_problem = sync_bn.check_group_counts(self.model)
-                    loss = sum(losses.values()) / passes
-                    if poison:
-                        loss = loss * float("nan")
-                    for k, v in losses.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / passes
-                    bad, bad_bn, stopping, checkpoint_due, means = self._agree(
-                        loss, {**sums, "loss": sum(sums.values())}, self.stop.signum != 0, due, bool(bn_problem))
-                    if bad_bn:
-                        raise ValueError(f"invalid BN batch at iteration {self.iteration} on rank(s) {bad_bn}: "
-                                         f"{bn_problem or 'see their logs'}")
-                    if bad:
-                        raise NonFiniteLoss(f"non-finite loss at iteration {self.iteration} on rank(s) {bad} "
-                                            f"(this rank: {dict((k, float(v.detach())) for k, v in losses.items())})")
-                    self.watchdog.beat("backward")
-                    (self.scaler.scale(loss) if self.scaler else loss).backward()
-                self.watchdog.beat("optimizer step (gradient allreduce)")
-                dist.blocking("gradient allreduce", optim.step, self.optimizer, self.model,
-                              cfg.solver.clip_grad_norm, self.scaler)
+                lr, means, stopping, checkpoint_due = self._iteration(batches)
                 seen_before = self.images
                 self.images += sched.global_batch
                 self.iteration += 1
                 if progress:
-                    progress.update(self.iteration, lr, means)
-                    if self.iteration % cfg.train.log_period == 0 or self.images >= end:
-                        record = {"iteration": self.iteration, "images": self.images, "lr": lr, **means,
-                                  "it_per_s": progress.rate(), "time": time.time()}
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                        progress.log_line(self.iteration, lr, means)
-                        if writer:
-                            for k, v in {"lr": lr, **means}.items():
-                                writer.add_scalar(f"train/{k}", v, self.images)
+                    progress.update(self.iteration, self.images, lr, means, last=self.images >= end)
                 if stopping:
                     self.log.warning("stop requested (signal on some rank) at iteration %d: checkpointing",
                                      self.iteration)
@@ -315,11 +276,73 @@ class Trainer:
             self.watchdog.close()
             if progress:
                 progress.close()
-            if metrics_file:
-                metrics_file.close()
             if writer:
                 writer.close()
         return 0
+
+    def _train_dataset(self):
+        ds = data.train_dataset(self.cfg.data)
+        if ds.cat_ids != self.val_ds.cat_ids:
+            raise data.DataError(f"train and val annotation files have different categories: "
+                                 f"{ds.ann_file} vs {self.val_ds.ann_file}")
+        check_image_files(ds)
+        self.log.info("training on %d images from %s", len(ds), ds.ann_file)
+        self.log.info("train set: %s", ds.summary())
+        return ds
+
+    def _iteration(self, batches) -> tuple[float, dict, bool, bool]:
+        """One optimizer step of ``backward_passes_per_step`` passes. Returns (lr, mean losses over
+        ranks, stop requested, time-based checkpoint due)."""
+        cfg, passes = self.cfg, self.cfg.solver.backward_passes_per_step
+        self.watchdog.beat("data and forward", self.iteration)
+        poison = self.fault.fire(self.log) if self.fault and self.fault.due(dist.rank(), self.iteration) else False
+        lr = self.sched.lr_at(self.images)
+        optim.set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad()
+        due = self.plan.checkpoint_minutes > 0 and \
+            time.monotonic() - self._last_checkpoint >= 60 * self.plan.checkpoint_minutes
+        means: dict[str, float] = {}
+        for _ in range(passes):
+            images, targets = to_device(*next(batches), self.device)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                losses = self.model(images, targets)
+            loss = sum(losses.values()) / passes
+            if poison:
+                loss = loss * float("nan")
+            pass_means, stopping, checkpoint_due = self._agree(losses, loss, passes, self.stop.signum != 0, due)
+            for k, v in pass_means.items():
+                means[k] = means.get(k, 0.0) + v
+            self.watchdog.beat("backward")
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        self.watchdog.beat("optimizer step (gradient allreduce)")
+        dist.blocking("gradient allreduce", optim.step, self.optimizer, self.model, cfg.solver.clip_grad_norm,
+                      self.scaler)
+        means["loss"] = sum(means.values())
+        return lr, means, stopping, checkpoint_due
+
+    def _agree(self, losses: dict, loss: torch.Tensor, passes: int, stop: bool, checkpoint_due: bool):
+        """ONE allreduce of a status vector built on the device and ONE device-to-host read of the
+        result: which ranks saw a non-finite loss or a BN group with one value per channel, whether
+        any rank must stop or asks for a time-based checkpoint, and the losses (mean over ranks)."""
+        n, r, keys = dist.size(), dist.rank(), sorted(losses)
+        names, counts = sync_bn.group_counts(self.model)
+        v = torch.zeros(2 * n + 2 + len(keys), dtype=torch.float64, device=loss.device)
+        v[r] = (~torch.isfinite(loss.detach())).double()
+        if counts is not None:
+            v[n + r] = (counts <= 1).any().double()
+        v[2 * n], v[2 * n + 1] = float(stop), float(checkpoint_due)
+        v[2 * n + 2:] = torch.stack([losses[k].detach().double() for k in keys]) / passes
+        h = dist.allreduce(v, op=dist.Sum, name="iteration_status").tolist()  # the pass's one host read
+        bad_bn = [i for i in range(n) if h[n + i] > 0]
+        if bad_bn:  # error path: reading more is fine now
+            mine = sync_bn.count_problem(names, counts.tolist()) if r in bad_bn else None
+            raise ValueError(f"invalid BN batch at iteration {self.iteration} on rank(s) {bad_bn}: "
+                             f"{mine or 'see their logs'}")
+        bad = [i for i in range(n) if h[i] > 0]
+        if bad:
+            raise NonFiniteLoss(f"non-finite loss at iteration {self.iteration} on rank(s) {bad} "
+                                f"(this rank: {dict((k, float(v.detach())) for k, v in losses.items())})")
+        return {k: x / n for k, x in zip(keys, h[2 * n + 2:])}, h[2 * n] > 0, h[2 * n + 1] > 0
 
     def evaluate(self, writer=None) -> dict:
         with self._unwatched():
@@ -334,13 +357,10 @@ class Trainer:
         if writer:
             for k in evaluation.METRIC_NAMES:
                 writer.add_scalar(f"eval/{k}", metrics[k], self.images)
+            for c in metrics["per_category"]:  # None: no GT of that category in the evaluated images
+                if c["AP"] is not None:
+                    writer.add_scalar(f"eval_per_category/AP-{c['name']}", c["AP"], self.images)
         return metrics
-
-    def _tensorboard(self):
-        if not dist.is_main():
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-        return SummaryWriter(str(self.out / "tensorboard"))
 
 
 def crossed(before: int, after: int, period: int) -> bool:
@@ -355,45 +375,3 @@ def check_image_files(ds) -> None:
     problem = dist.broadcast_object(problem, name=f"image_check_{ds.ann_file.name}")
     if problem:
         raise data.DataError(problem)
-
-
-class Progress:
-    """Rank 0's progress: a tqdm bar on a terminal, else a periodic log line (it/s, ETA, lr, losses)."""
-
-    def __init__(self, start: int, total: int, log):
-        self.start, self.total, self.log = start, total, log
-        self.t0 = time.time()
-        self._done = 0
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True)
-
-    def rate(self) -> float:
-        done = self._done
-        return done / max(time.time() - self.t0, 1e-9) if done else 0.0
-
-    def update(self, it: int, lr: float, means: dict) -> None:
-        self._done = it - self.start
-        if self.bar:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{lr:.4g}", refresh=False)
-
-    def log_line(self, it: int, lr: float, means: dict) -> None:
-        rate = self.rate()
-        eta = (self.total - it) / rate if rate else float("nan")
-        parts = " ".join(f"{k.replace('loss_', '')} {v:.3f}" for k, v in sorted(means.items()) if k != "loss")
-        self.log.info("iter %d/%d (%.0f%%) %.2f it/s ETA %s lr %.5g loss %.4f (%s)", it, self.total,
-                      100 * it / self.total, rate, _fmt_eta(eta), lr, means["loss"], parts)
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.close()
-
-
-def _fmt_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -33,7 +33,13 @@ class WeightsError(UserError, ValueError):
     """model.backbone_weights cannot be resolved or loaded; the message names the file."""
 
 
-TORCHVISION_WEIGHTS = {"resnet50": "ResNet50_Weights", "resnet18": "ResNet18_Weights"}
+# torchvision names for model.backbone_weights (ImageNet classifiers) and model.weights (detectors)
+TORCHVISION_WEIGHTS = {"backbone_weights": ("IMAGENET1K_V1", {"resnet50": "ResNet50_Weights",
+                                                              "resnet18": "ResNet18_Weights"}),
+                       "weights": ("COCO_V1", {"resnet50": "FasterRCNN_ResNet50_FPN_Weights"})}
+# the box predictor's keys: the only ones allowed to differ in shape (another number of classes)
+PREDICTOR_KEYS = ("roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
+                  "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias")
 
 
 def norm_layer(cfg: ModelConfig, bn_group_ranks: int | None):
@@ -62,29 +68,34 @@ def freeze_norms(module: nn.Module) -> nn.Module:
     return module
 
 
-def backbone_weights_path(cfg: ModelConfig) -> tuple[Path, str | None] | None:
-    """Where ``model.backbone_weights`` lives: (local path, download URL or None); None if unset."""
-    w = cfg.backbone_weights
+def weights_path(cfg: ModelConfig, key: str = "backbone_weights") -> tuple[Path, str | None] | None:
+    """Where ``model.<key>`` (backbone_weights or weights) lives: (local path, download URL or
+    None), None if unset. torchvision names resolve to torch's hub cache ($TORCH_HOME/hub)."""
+    w = getattr(cfg, key)
     if not w:
         return None
-    if w.upper().startswith("IMAGENET1K"):
-        if cfg.backbone not in TORCHVISION_WEIGHTS:
-            raise WeightsError(f"model.backbone_weights={w}: torchvision has no weights for the "
-                             f"'{cfg.backbone}' backbone (give a local .pth)")
+    example, table = TORCHVISION_WEIGHTS[key]
+    if w.upper().startswith(example.split("_")[0]):
+        if cfg.backbone not in table:
+            raise WeightsError(f"model.{key}={w}: torchvision has no weights for the '{cfg.backbone}' backbone "
+                               f"(give a local .pth{', e.g. an hvd_megdet checkpoint' if key == 'weights' else ''})")
         try:
-            weights = get_weight(f"{TORCHVISION_WEIGHTS[cfg.backbone]}.{w.upper()}")
+            weights = get_weight(f"{table[cfg.backbone]}.{w.upper()}")
         except (ValueError, KeyError, AttributeError):
-            raise WeightsError(f"model.backbone_weights={w}: not a torchvision weight of {cfg.backbone} "
-                             f"(e.g. IMAGENET1K_V1)") from None
+            raise WeightsError(f"model.{key}={w}: not a torchvision weight of {cfg.backbone} "
+                               f"(e.g. {example})") from None
         return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name, weights.url
     return Path(w).expanduser(), None
 
 
-def fetch_backbone_weights(cfg: ModelConfig, log=None) -> None:
+backbone_weights_path = weights_path  # the backbone's (the default key)
+
+
+def fetch_weights(cfg: ModelConfig, key: str = "backbone_weights", log=None) -> None:
     """Download torchvision-named weights into the hub cache if absent (call on one rank per
     node, then barrier). Never raises for the download: a missing file is reported by name, on
-    every rank, when the model is built."""
-    where = backbone_weights_path(cfg)
+    every rank, when the weights are loaded."""
+    where = weights_path(cfg, key)
     if where is None or where[1] is None or where[0].is_file():
         return
     path, url = where
@@ -92,9 +103,31 @@ def fetch_backbone_weights(cfg: ModelConfig, log=None) -> None:
         if log:
             log.info("downloading %s to %s", url, path)
         torch.hub.load_state_dict_from_url(url, model_dir=str(path.parent), map_location="cpu", progress=False)
-    except Exception as e:  # offline clusters: the error at build time says where to put the file
+    except Exception as e:  # offline clusters: the error at load time says where to put the file
         if log:
             log.warning("could not download %s: %s", url, e)
+
+
+fetch_backbone_weights = fetch_weights
+
+
+def _read_weights(cfg: ModelConfig, key: str) -> tuple[Path, dict]:
+    """The state dict behind ``model.<key>``: a plain state dict, or the ``model`` entry of an
+    hvd_megdet checkpoint."""
+    p, url = weights_path(cfg, key)
+    if not p.is_file():
+        if url:
+            raise WeightsError(f"model.{key}={getattr(cfg, key)}: {p} not found and could not "
+                               f"be downloaded: place {url} there (torch's hub directory, $TORCH_HOME/hub)")
+        raise WeightsError(f"model.{key}: file not found: {p}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated or not a torch file: name it
+        raise WeightsError(f"model.{key}: cannot read {p}: {type(e).__name__}: {e}") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise WeightsError(f"model.{key}: {p} holds no state dict")
+    return p, state
 
 
 class TinyResNet(nn.Module):
@@ -114,20 +147,40 @@ class TinyResNet(nn.Module):
 
 
 def _load_backbone_weights(body: nn.Module, cfg: ModelConfig) -> None:
-    p, url = backbone_weights_path(cfg)
-    if not p.is_file():
-        if url:
-            raise WeightsError(f"model.backbone_weights={cfg.backbone_weights}: {p} not found and could not "
-                                    f"be downloaded: place {url} there (torch's hub directory, $TORCH_HOME/hub)")
-        raise WeightsError(f"model.backbone_weights: file not found: {p}")
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    state = state.get("model", state) if isinstance(state, dict) else state
+    p, state = _read_weights(cfg, "backbone_weights")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     missing, unexpected = body.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise WeightsError(f"model.backbone_weights {p} does not match the backbone: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_detector_weights(model: FasterRCNN, cfg: ModelConfig) -> str:
+    """Fine-tuning: ``model.weights`` (an hvd_megdet checkpoint, a detector state dict, or
+    torchvision's COCO_V1) into ``model``; no optimizer state or progress. A box predictor for
+    another number of classes is left re-initialised; any other mismatch is a WeightsError naming
+    the keys. Returns the log line."""
+    p, state = _read_weights(cfg, "weights")
+    own = model.state_dict()
+    reinit = [k for k in PREDICTOR_KEYS if k in state and k in own and state[k].shape != own[k].shape]
+    cls = PREDICTOR_KEYS[0]
+    classes = (state[cls].shape[0] - 1, own[cls].shape[0] - 1) if reinit else None  # background excluded
+    state = {k: v for k, v in state.items() if k not in reinit}
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    if shapes:
+        raise WeightsError(f"model.weights {p} does not fit this model: {len(shapes)} shape mismatch(es), "
+                           f"e.g. {shapes[:3]}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked") and k not in reinit]
+    if missing or unexpected:
+        raise WeightsError(f"model.weights {p} does not fit this model: {len(missing)} missing key(s) "
+                           f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}")
+    line = f"fine-tuning from model.weights={p} ({len(state)} tensors)"
+    if reinit:
+        line += f"; box predictor re-initialised: the weights have {classes[0]} classes, this dataset {classes[1]}"
+    return line
 
 
 def build_backbone(cfg: ModelConfig, bn_group_ranks: int | None = None) -> BackboneWithFPN:

@@ -33,10 +33,11 @@ def set_lr(optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def step(optimizer, model: nn.Module, clip_grad_norm: float, scaler=None) -> float | None:
+def step(optimizer, model: nn.Module, clip_grad_norm: float, scaler=None) -> torch.Tensor | None:
     """Optimizer step. Clipping and AMP unscaling must see averaged gradients: wait for
     Horovod's allreduce (``synchronize``), then step without a second one
-    (``skip_synchronize``). Returns the gradient norm when clipping."""
+    (``skip_synchronize``). Returns the gradient norm when clipping, as a tensor on the device
+    (reading it would stall a GPU every iteration)."""
     if clip_grad_norm <= 0 and scaler is None:
         optimizer.step()
         return None
@@ -46,7 +47,7 @@ def step(optimizer, model: nn.Module, clip_grad_norm: float, scaler=None) -> flo
     norm = None
     if clip_grad_norm > 0:
         params = [p for p in model.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
     with optimizer.skip_synchronize():
         if scaler is not None:
             scaler.step(optimizer)

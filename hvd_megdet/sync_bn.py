@@ -162,22 +162,34 @@ class SyncBatchNorm(_BatchNorm):
         return g_mean.float(), g_var.float(), count.float()
 
 
-def check_group_counts(model: nn.Module) -> str | None:
-    """Why the last training forward was invalid, or None: a SyncBatchNorm whose whole BN group
-    held at most one value per channel (its variance is meaningless). One blocking host read for
-    all layers together. The engine shares the verdict with every rank (groups differ)."""
-    layers = [(n, m) for n, m in model.named_modules()
+def group_counts(model: nn.Module) -> tuple[list[str], torch.Tensor | None]:
+    """Every SyncBatchNorm's group count (values per channel) of the last training forward,
+    stacked on the device without a host read, with the layers' names; clears them. The engine
+    reads them together with the losses in its one device-to-host read per pass."""
+    layers = [(n or m._name, m) for n, m in model.named_modules()
               if isinstance(m, SyncBatchNorm) and m.last_group_count is not None]
     if not layers:
-        return None
-    counts = torch.stack([m.last_group_count for _, m in layers]).tolist()  # waits for the device
-    problem = None
-    for (name, m), c in zip(layers, counts):
+        return [], None
+    counts = torch.stack([m.last_group_count for _, m in layers])
+    for _, m in layers:
         m.last_group_count = None
-        if c <= 1 and problem is None:
-            problem = (f"SyncBatchNorm {name or m._name}: expected more than 1 value per channel in the "
-                       f"BN group when training, got {int(c)} (rank {dist.rank()})")
-    return problem
+    return [n for n, _ in layers], counts
+
+
+def count_problem(names: list[str], counts: list[float]) -> str | None:
+    """Why a training forward was invalid, or None: a SyncBatchNorm whose whole BN group held at
+    most one value per channel (its variance is meaningless)."""
+    for name, c in zip(names, counts):
+        if c <= 1:
+            return (f"SyncBatchNorm {name}: expected more than 1 value per channel in the BN group "
+                    f"when training, got {int(c)} (rank {dist.rank()})")
+    return None
+
+
+def check_group_counts(model: nn.Module) -> str | None:
+    """:func:`count_problem` of the last training forward (one host read; for tools and tests)."""
+    names, counts = group_counts(model)
+    return count_problem(names, counts.tolist()) if names else None
 
 
 def average_running_stats(model: nn.Module, name: str = "bn_running_stats") -> int:

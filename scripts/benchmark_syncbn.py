@@ -26,8 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 SETTINGS = [("mpi", "1"), ("mpi", "0.1"), ("gloo", "1"), ("gloo", "0.1")]
 
 
-def layer_shapes(model_name: str):
-    """(N, C, H, W) of every BN layer's input, from hooks on one forward."""
+def layer_shapes(model_name: str, image_hw: tuple[int, int] | None = None, device: str = "cpu"):
+    """(N, C, H, W) of every BN layer's input, from hooks on one forward. ``image_hw`` replaces the
+    default input size; ``device="meta"`` gives the shapes without computing anything."""
     import torch
     from torch import nn
 
@@ -37,10 +38,12 @@ def layer_shapes(model_name: str):
     shapes = []
     if model_name == "resnet50":
         import torchvision
-        model, x = torchvision.models.resnet50(weights=None), torch.randn(2, 3, 64, 64)
+        model, x = torchvision.models.resnet50(weights=None), torch.randn(2, 3, *(image_hw or (64, 64)))
     else:
         m = config.load("shapes_tiny").model
-        model, x = build_backbone(type(m)(**{**m.__dict__, "norm": "bn"})).body, torch.randn(4, 3, 128, 128)
+        model = build_backbone(type(m)(**{**m.__dict__, "norm": "bn"})).body
+        x = torch.randn(4, 3, *(image_hw or (128, 128)))
+    model, x = model.to(device), x.to(device)
     for mod in model.modules():
         if isinstance(mod, nn.BatchNorm2d):
             mod.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(inp[0].shape)))

@@ -43,6 +43,18 @@ def main(args) -> int:
     return code
 
 
+def timeline(args) -> str:
+    """train.timeline, wanted by Horovod before hvd.init, hence before main() loads the config: a
+    config that does not load gives no timeline here, and main() reports it after hvd.init, with
+    the rank. --eval-only writes none (it would overwrite the training's)."""
+    try:
+        cfg = config.load(args.config, args.overrides)
+    except config.ConfigError:
+        return ""
+    return "" if args.eval_only else app.horovod_timeline(cfg, args.output_dir)
+
+
 if __name__ == "__main__":
     ARGS = parse_args()
-    app.run(lambda: main(ARGS), init_horovod=ARGS.plan is None)  # --plan runs no job
+    app.run(lambda: main(ARGS), init_horovod=ARGS.plan is None,  # --plan runs no job
+            timeline=lambda: timeline(ARGS))

@@ -37,10 +37,17 @@ def test_overrides_and_roundtrip(tmp_path):
     (["model.bn_size=8", "model.bn_group_size=2"], "not both"),
     (["model.bn_size=6"], "multiple of solver.images_per_rank = 4"),
     (["train.checkpoint_minutes=-1"], "train.checkpoint_minutes"),
+    (["solver.amp=true", "solver.fp16_allreduce=true"], "'solver.amp' = True: cannot be combined with "
+     "solver.fp16_allreduce=true: .*solver.fp16_allreduce=false, or set solver.amp=false"),
 ])
 def test_bad_overrides_name_the_key(overrides, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
         config.load("shapes_tiny", overrides)
+
+
+def test_amp_and_fp16_allreduce_each_alone_are_fine():
+    assert config.load("shapes_tiny", ["solver.amp=true"]).solver.amp
+    assert config.load("shapes_tiny", ["solver.fp16_allreduce=true"]).solver.fp16_allreduce
 
 
 def test_bad_files(tmp_path):

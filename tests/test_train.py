@@ -13,7 +13,7 @@ from pycocotools.cocoeval import COCOeval
 
 from hvd_megdet import checkpoint
 from hvd_megdet.evaluation import METRIC_NAMES
-from tests.harness import CONTROLLERS, REPO, horovodrun_cmd, launch, run
+from tests.harness import CONTROLLERS, REPO, horovodrun_cmd, launch, launcher_env, run
 
 ITERS = 16
 
@@ -71,6 +71,19 @@ def test_train_two_ranks_resume_and_eval(tmp_path):
         ev = COCOeval(gt, gt.loadRes(dets), "bbox")
         ev.evaluate(), ev.accumulate(), ev.summarize()
     assert [metrics[k] for k in METRIC_NAMES] == pytest.approx([max(0.0, v) for v in ev.stats], abs=1e-12)
+
+
+def test_one_host_read_per_pass(tmp_path):
+    """Over whole training iterations (2 backward passes each, gradient clipping on), hvd_megdet's
+    code (but the input pipeline, which never touches the device) reads tensors back to the host once per pass: the agreed status vector (losses, finite
+    flags, BN group counts). On a GPU each read is a synchronisation."""
+    overrides = small(tmp_path, iters=8) + ["solver.backward_passes_per_step=2", "solver.clip_grad_norm=5.0",
+                                            "train.num_visualizations=0"]
+    results = train_job(tmp_path, 2, "gloo", overrides, mode="host_reads")
+    for r in results:
+        reads = r["reads_per_iteration"]
+        assert len(reads) == 4 and all(len(it) == 2 for it in reads), reads
+        assert all(read.startswith("tolist at engine.py") for it in reads for read in it), reads
 
 
 def stats_close(a: dict, b: dict, tol=1e-6) -> bool:
@@ -196,14 +209,37 @@ def _delete_image(root):
     return []
 
 
+def _bad_annotation(root):
+    """Two annotations of the train file broken: the first named with its image, the other counted."""
+    coco = json.loads((root / "annotations/instances_train.json").read_text())
+    coco["annotations"][1]["category_id"] = 999
+    del coco["annotations"][3]["bbox"]
+    (root / "annotations/bad_train.json").write_text(json.dumps(coco))
+    return ["data.train_annotations=annotations/bad_train.json"]
+
+
+def _truncate_train_images(root):
+    """Every train JPEG cut in half: each rank meets one at its first batch (the files exist, so
+    the start-up checks pass)."""
+    for f in (root / "train").glob("*.jpg"):
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    return ["data.workers=0"]  # a worker's error reaches the log wrapped over several lines
+
+
 # case -> (prepare(root) -> extra overrides, what every rank must report)
 CASES = {
     "missing_annotations": (lambda root: ["data.train_annotations=annotations/missing.json"],
                             "annotation file not found: .*missing.json"),
     "malformed_annotations": (_write_bad_json, "not valid JSON: .*bad.json"),
     "missing_image": (_delete_image, "000002.jpg"),
+    "bad_annotation": (_bad_annotation, r"DataError: \S*bad_train.json: annotation id 2 \(image id \d+\): "
+                                        r"category_id 999 is not in 'categories' \(1, 2, 3\); "
+                                        r"1 more bad annotation: .*no 'bbox'"),
+    "truncated_jpeg": (_truncate_train_images, r"DataError: cannot decode image \S*/train/\d+\.jpg "
+                                               r"\(image id \d+\): image file is truncated"),
     "foreign_checkpoint": (_foreign_checkpoint, "CheckpointError: checkpoint .*model_img0000000004.pth does not fit"),
     "unknown_key": (lambda root: ["solver.learning_rate=0.1"], "solver.learning_rate"),
+    "cuda_unusable": (lambda root: ["train.device=cuda"], "train.device=cuda but CUDA is not usable on rank"),
     "bad_value": (lambda root: ["solver.images_per_rank=0"], "solver.images_per_rank"),
     "bn_group": (lambda root: ["model.bn_group_size=3"], "BN group size 3 does not divide the world size 2"),
     "bn_size": (lambda root: ["model.bn_size=3"], "model.bn_size.*multiple of solver.images_per_rank = 2"),
@@ -215,6 +251,10 @@ CASES = {
 }
 
 
+# cases every rank must end as a user error (exit 2: its status file says so) -> before the first iteration?
+USER_ERRORS = {"bad_annotation": True, "truncated_jpeg": False}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_fails_every_rank(tmp_path, case):
     prepare, needle = CASES[case]
@@ -223,7 +263,12 @@ def test_bad_input_fails_every_rank(tmp_path, case):
     out = "/proc/hvd_megdet_cannot_write" if case == "unwritable_output" else str(tmp_path / "out")
     controller = ("gloo", "mpi")[sorted(CASES).index(case) % 2]
     cmd = horovodrun_cmd(2, controller, [sys.executable, str(REPO / "scripts/train.py"), "--output-dir", out, *args])
-    res = run(cmd, timeout=180)
+    status = tmp_path / "status"
+    res = run(cmd, timeout=180, env=launcher_env(extra={"HVD_MEGDET_STATUS_DIR": str(status)}))
     assert res.returncode != 0, res.stdout
     for r in range(2):
         assert re.search(f"rank {r}/2: .*{needle}", res.stdout), f"rank {r} did not report '{needle}':\n{res.stdout}"
+    if case in USER_ERRORS:
+        assert sorted(p.name for p in status.glob("*.json")) == ["user_error-rank-00000.json",
+                                                                "user_error-rank-00001.json"], res.stdout
+        assert ("training from iteration" in res.stdout) != USER_ERRORS[case], res.stdout

@@ -1,6 +1,7 @@
 """Datasets and loaders built from the config (COCO files or the generated shapes set)."""
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import torch
@@ -42,13 +43,34 @@ def val_dataset(cfg: DataConfig) -> CocoDetection:
                          transform=EvalTransform())
 
 
+def worker_start_method(workers: int, size: int) -> str | None:
+    """How DataLoader workers start: not by a plain fork of a rank that runs Horovod with peers.
+    Such a rank holds MPI/NCCL state (InfiniBand verbs pin and register its memory; a forked child's
+    copy-on-write of those pages is undefined on stacks without fork support), so the workers are
+    forked from a clean forkserver process (Horovod's own examples do the same), or spawned where
+    there is no forkserver. Either way the dataset is pickled to each worker (once: persistent
+    workers) and each worker re-imports the main module as ``__mp_main__`` (so entry points need their
+    ``if __name__ == "__main__"`` guard; scripts/train.py's top-level stop flag then covers the worker
+    until ``signals.ignore_in_worker`` runs). The forkserver preloads this package (torch, PIL,
+    pycocotools), so a worker forks with them imported instead of importing them again.
+    One process (size 1) has no peers: plain fork, as before."""
+    if workers == 0 or size == 1:
+        return None
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
 def train_loader(dataset: CocoDetection, cfg: DataConfig, batch_size: int, rank: int, size: int,
                  seed: int, start_images: int) -> torch.utils.data.DataLoader:
     """Endless loader from stream position ``start_images`` (images seen, all ranks together)."""
     sampler = DistributedGroupedBatchSampler(dataset.aspect_ratios(), batch_size, rank, size, seed,
                                              cfg.aspect_ratio_grouping, start_images)
+    method = worker_start_method(cfg.workers, size)
+    context = multiprocessing.get_context(method) if method else None
+    if method == "forkserver":
+        context.set_forkserver_preload([__name__])  # effective when the forkserver starts (once per process)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
         persistent_workers=cfg.workers > 0, pin_memory=torch.cuda.is_available(),
+        multiprocessing_context=context,
         worker_init_fn=signals.ignore_in_worker,  # SIGTERM to every process must not kill the workers
         generator=torch.Generator().manual_seed(seed))  # own generator: the global RNG stays untouched

@@ -17,7 +17,13 @@ def checks(args):
     groups = [2] if dist.size() == 4 else []
     dist.init(bn_group_size=groups)  # process sets can be added after init (dynamic)
     r, n = dist.rank(), dist.size()
-    out = {"rank": r, "size": n, "controller": dist.controller(), "env": dist.environment()}
+    try:  # this machine has no GPU: train.device=cuda is refused on every rank, before any collective
+        dist.select_device("cuda")
+        out = {"cuda": "no error"}
+    except dist.DeviceError as e:
+        out = {"cuda": str(e)}
+    dist.select_device("auto")
+    out.update({"rank": r, "size": n, "controller": dist.controller(), "env": dist.environment()})
     out["sum"] = dist.allreduce(torch.tensor([float(r), 1.0]), op=dist.Sum, name="s").tolist()
     out["avg"] = dist.allreduce(torch.tensor([float(r)]), op=dist.Average, name="a").tolist()
     out["gathered"] = dist.allgather_object({"r": r, "sq": r * r})

@@ -4,12 +4,15 @@
 the images (checkpoint), then a new Trainer resumes to the end: loss falls, parameters identical
 on all ranks, resume == uninterrupted.
 
+``--mode host_reads``: tensor-to-host reads by hvd_megdet's code in each training iteration.
+
 ``--mode groups``: one run with BN groups smaller than the world; every call that averages the
 BN running statistics (before each checkpoint and evaluation) is recorded on each rank with the
 statistics before and after, and every evaluation with the statistics it used.
 """
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -79,11 +82,52 @@ def group_checks(cfg, base: Path) -> dict:
     return {"calls": calls, "evals": evals, "final": bn_stats(t.model)}
 
 
+HVD_MEGDET = str(Path(engine.__file__).parent)
+READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
+
+
+def host_read_checks(cfg, base: Path) -> dict:
+    """Tensor -> host reads made by hvd_megdet's own code during whole training iterations
+    (forward, status allreduce, backward, optimizer step; torchvision's internals not counted):
+    each is a device synchronisation on a GPU."""
+    reads = []
+    saved = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(HVD_MEGDET) and not caller.startswith(f"{HVD_MEGDET}/data/"):  # host-side input
+                reads.append(f"{name} at {caller[len(HVD_MEGDET) + 1:]}:{sys._getframe(1).f_lineno}")
+            return fn(*a, **k)
+        return wrapped
+    out_dir, log = app.start(cfg, base / "H")
+    t = Trainer(cfg, out_dir, log)
+    real_iteration = t._iteration
+    per_iteration = []
+
+    def iteration(batches):
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, spy(name, fn))
+        try:
+            return real_iteration(batches)
+        finally:
+            for name, fn in saved.items():
+                setattr(torch.Tensor, name, fn)
+            per_iteration.append(list(reads))
+            reads.clear()
+    t._iteration = iteration
+    t.train()
+    return {"reads_per_iteration": per_iteration}
+
+
+MODES = {"resume": resume_checks, "groups": group_checks, "host_reads": host_read_checks}
+
+
 def checks(args):
     dist.init()
     cfg = config.load("shapes_tiny", json.loads(args.overrides))
     torch.manual_seed(0)
-    return (resume_checks if args.mode == "resume" else group_checks)(cfg, Path(args.out))
+    return MODES[args.mode](cfg, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,485 @@
+#!/usr/bin/env python
+"""The measuring steps of scripts/gpu_check.sh, one subcommand each; every one writes its figures
+as JSON to ``--out`` (read by ``record``, which files them into gpu.json).
+
+    benchmark_gpu_step.py record --json gpu.json --step NAME --rc RC --seconds S [--figures F] [--log L]
+    benchmark_gpu_step.py meta --json gpu.json --set JSON | setup-figures --json gpu.json --log SETUP_LOG
+    benchmark_gpu_step.py facts      --out F
+    benchmark_gpu_step.py syncbn     --out F [--image 800x1088] [--iters 10]
+    benchmark_gpu_step.py allreduce  --out F [--iters 200]
+    benchmark_gpu_step.py train      --out F --output-dir DIR [--config NAME] [key=value ...]
+    benchmark_gpu_step.py peer       --out F --output-dir DIR [--iters 30] [--amp] [key=value ...]
+    benchmark_gpu_step.py run-figures --out F --output-dir DIR
+
+All of them run on CUDA where it is usable, else on the CPU (gpu_check.sh --rehearse). At np=1:
+``syncbn`` forces SyncBatchNorm's group path (see ``group_path_forced``), ``train`` runs the
+project's Trainer in this process (for peak memory), ``peer`` runs torchvision's own
+fasterrcnn_resnet50_fpn training step on the same images.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+
+
+def write_json(path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+# --- record (stdlib only: works when torch or horovod do not) ---------------
+
+def record(args) -> None:
+    """File one step's outcome into gpu.json (rewritten after every step: a run killed at its time
+    limit still leaves everything measured before)."""
+    path = Path(args.json)
+    doc = json.loads(path.read_text()) if path.exists() else {"steps": {}}
+    figures = {}
+    if args.figures and Path(args.figures).exists():
+        try:
+            figures = json.loads(Path(args.figures).read_text())
+        except ValueError as e:
+            figures = {"unreadable": str(e)}
+    status = {0: "ok", 124: "timeout", 137: "timeout", 125: "skipped"}.get(args.rc, "failed")
+    error = None
+    if status != "ok":
+        tail = Path(args.log).read_text(errors="replace").splitlines()[-25:] if args.log and \
+            Path(args.log).exists() else []
+        error = args.why or "\n".join(tail) or f"exit {args.rc}"
+    doc["steps"][args.step] = {"ok": status == "ok", "status": status, "rc": args.rc,
+                               "seconds": round(args.seconds, 2), "figures": figures, "error": error}
+    write_json(path, doc)
+    print(f"[gpu_check] {args.step}: {status} in {args.seconds:.1f}s", flush=True)
+
+
+def meta(args) -> None:
+    """Top-level facts of the run (mode, start, end) into gpu.json."""
+    path = Path(args.json)
+    doc = json.loads(path.read_text()) if path.exists() else {"steps": {}}
+    doc.update(json.loads(args.set))
+    write_json(path, doc)
+
+
+def setup_figures(args) -> None:
+    """Adds to the install step's figures what scripts/setup.sh printed: the build's cache key, the
+    NCCL that CMake found, the `horovodrun --check-build` table, the total time."""
+    lines = Path(args.log).read_text(errors="replace").splitlines()
+    f = {}
+    for line in lines:
+        s = line.strip()
+        if s.startswith("cache key"):
+            f["cache_key"] = s.split(None, 2)[-1]
+        elif s.startswith("Found NCCL (include:"):
+            f["nccl_found"] = s
+        elif s.startswith("setup done in"):
+            f["setup_s"] = int(s.split()[3].rstrip("s;"))
+        elif s.startswith("== building horovod") or s.startswith("cached wheel") or s == "prerequisites ok":
+            f.setdefault("notes", []).append(s)
+    if "== horovodrun --check-build" in lines:
+        rest = lines[lines.index("== horovodrun --check-build") + 1:]
+        f["check_build"] = [s for s in rest if s.strip() and not s.startswith("setup done")]
+    path = Path(args.json)
+    doc = json.loads(path.read_text())
+    if "install" in doc["steps"]:
+        doc["steps"]["install"]["figures"].update(f)
+        write_json(path, doc)
+
+
+# --- shared helpers -----------------------------------------------------------
+
+def device():
+    import torch
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def sync(dev) -> None:
+    import torch
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def reset_peak(dev) -> None:
+    import torch
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def peak_gib(dev) -> float | None:
+    import torch
+    return round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None
+
+
+def median_ms(samples) -> float:
+    return round(1e3 * statistics.median(samples), 3)
+
+
+def set_device_override(overrides: list[str], dev) -> list[str]:
+    """``train.device`` matching ``dev`` where the config has that key (megdet_r50_fpn says cuda)."""
+    # TODO(device): once train.device has landed everywhere, pass it unconditionally (and drop this check)
+    import dataclasses
+
+    from hvd_megdet.config import TrainConfig
+    if "device" in {f.name for f in dataclasses.fields(TrainConfig)} and \
+            not any(o.startswith("train.device=") for o in overrides):
+        return [*overrides, f"train.device={dev.type}"]
+    return list(overrides)
+
+
+# --- facts --------------------------------------------------------------------
+
+def facts(args) -> dict:
+    import torch
+    import torchvision
+
+    f = {"python": platform.python_version(), "cpus": os.cpu_count(), "torch": torch.__version__,
+         "torchvision": torchvision.__version__, "torch_cuda": torch.version.cuda,
+         "cuda_available": torch.cuda.is_available(),
+         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    try:
+        f["torch_nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception as e:  # noqa: BLE001 - a fact, not a failure
+        f["torch_nccl"] = f"unavailable: {e}"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        f.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                 capability=f"{p.major}.{p.minor}", multiprocessors=p.multi_processor_count)
+    try:
+        f["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        f["nvidia_smi"] = f"unavailable: {e}"
+    import horovod
+    import horovod.torch as hvd
+    f.update(horovod=horovod.__version__, nccl_built=int(hvd.nccl_built()), mpi_built=bool(hvd.mpi_built()),
+             gloo_built=bool(hvd.gloo_built()), cuda_built=bool(hvd.cuda_built()))
+    horovodrun = Path(sys.executable).parent / "horovodrun"
+    if horovodrun.exists():
+        out = subprocess.run([str(horovodrun), "--check-build"], capture_output=True, text=True, timeout=120)
+        f["check_build"] = out.stdout.strip().splitlines()
+    from hvd_megdet import dist
+    dist.init()
+    f.update(controller=dist.controller(), size=dist.size())
+    return f
+
+
+# --- SyncBN vs BatchNorm2d ----------------------------------------------------
+
+@contextlib.contextmanager
+def group_path_forced():
+    """SyncBatchNorm's group path at np=1: ``dist.size()`` reports 2 ranks, so ``bn_group()``
+    returns Horovod's global process set and ``dist.allreduce`` really calls ``hvd.allreduce``
+    (over this one rank, so the sums, hence the results, are those of one process)."""
+    from hvd_megdet import dist
+    real = dist.size
+    dist.size = lambda: 2
+    try:
+        yield
+    finally:
+        dist.size = real
+
+
+def syncbn(args) -> dict:
+    """ResNet-50's 53 BN layers (input shapes of 2 images of ``--image``): one forward+backward over
+    all layers with nn.BatchNorm2d and with SyncBatchNorm's group path, in fp32 and under fp16/bf16
+    autocast (inputs in the autocast dtype, as convolutions produce them). Max errors of the outputs
+    and input gradients against BatchNorm2d, median time, peak memory above the inputs."""
+    import torch
+    from torch import nn
+
+    from benchmark_syncbn import layer_shapes
+    from hvd_megdet import dist
+    from hvd_megdet.sync_bn import SyncBatchNorm
+
+    dist.init()
+    dev = device()
+    h, w = (int(v) for v in args.image.split("x"))
+    shapes = layer_shapes("resnet50", (h, w), device="meta")
+    torch.manual_seed(0)
+    res = {"device": str(dev), "layers": len(shapes), "input": f"2x3x{h}x{w}", "iters": args.iters,
+           "elements": sum(torch.Size(s).numel() for s in shapes)}
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        try:
+            res[name] = _bn_compare(shapes, dtype, dev, args.iters, nn, SyncBatchNorm)
+        except Exception as e:  # noqa: BLE001 - one dtype failing must not lose the others
+            res[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    failed = [k for k in ("fp32", "fp16", "bf16") if "error" in res[k]]
+    if failed:
+        res["failed"] = failed
+    return res
+
+
+def _bn_compare(shapes, dtype, dev, iters, nn, SyncBatchNorm) -> dict:
+    import torch
+    autocast = dtype != torch.float32
+    # |mean|/std ~ 2 like real activations after a ReLU; weights and biases away from 1/0
+    xs = [(torch.randn(s, device=dev) + 2.0).to(dtype).requires_grad_() for s in shapes]
+    gs = [torch.randn(s, device=dev).to(dtype) for s in shapes]
+    layers = {"bn": [nn.BatchNorm2d(s[1]).to(dev) for s in shapes],
+              "syncbn": [SyncBatchNorm(s[1]).to(dev) for s in shapes]}
+    with torch.no_grad():
+        for a, b in zip(*layers.values()):
+            a.weight.uniform_(0.5, 1.5)
+            a.bias.uniform_(-0.5, 0.5)
+            b.weight.copy_(a.weight)
+            b.bias.copy_(a.bias)
+
+    def one_pass(kind, keep=False):
+        outs = []
+        for layer, x, g in zip(layers[kind], xs, gs):
+            x.grad = None
+            with torch.autocast(dev.type, dtype=dtype, enabled=autocast):
+                y = layer(x)
+            y.backward(g)
+            if keep:
+                outs.append((y.detach().float(), x.grad.float()))
+        return outs
+
+    out = {}
+    with group_path_forced():
+        ref, got = one_pass("bn", keep=True), one_pass("syncbn", keep=True)
+        out["max_abs_err_y"] = max(float((a[0] - b[0]).abs().max()) for a, b in zip(ref, got))
+        out["max_abs_err_dx"] = max(float((a[1] - b[1]).abs().max()) for a, b in zip(ref, got))
+        out["max_abs_dx"] = max(float(a[1].abs().max()) for a in ref)
+        out["max_abs_err_dweight"] = max(float((a.weight.grad - b.weight.grad).abs().max())
+                                         for a, b in zip(*layers.values()))
+        del ref, got
+        for kind in ("bn", "syncbn"):
+            samples = []
+            for k in range(iters + 2):
+                sync(dev)
+                t = time.perf_counter()
+                one_pass(kind)
+                sync(dev)
+                if k >= 2:
+                    samples.append(time.perf_counter() - t)
+            out[f"{kind}_ms"] = median_ms(samples)
+            if dev.type == "cuda":
+                base = torch.cuda.memory_allocated(dev)
+                reset_peak(dev)
+                one_pass(kind)
+                sync(dev)
+                out[f"{kind}_peak_extra_gib"] = round((torch.cuda.max_memory_allocated(dev) - base) / 2**30, 3)
+    out["syncbn_over_bn"] = round(out["syncbn_ms"] / out["bn_ms"], 3)
+    return out
+
+
+# --- allreduce latency ----------------------------------------------------------
+
+def allreduce(args) -> dict:
+    """Latency of one synchronous ``hvd.allreduce`` of a (2C+1)-value fp64 tensor (a SyncBN forward's
+    payload) on the device: idle, and issued right after queued GPU work (a synchronous allreduce of
+    a CUDA tensor first waits for that work: the "drain" SyncBN pays twice per layer)."""
+    import torch
+
+    import horovod.torch as hvd
+    from hvd_megdet import dist
+
+    dist.init()
+    dev = device()
+    res = {"device": str(dev), "controller": dist.controller(), "size": dist.size(),
+           "cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME")}
+    n = 2048 if dev.type == "cuda" else 256
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+    def work():
+        for _ in range(8):
+            a @ a
+
+    work()
+    sync(dev)
+    t = time.perf_counter()
+    work()
+    sync(dev)
+    res["work_ms"] = round(1e3 * (time.perf_counter() - t), 3)
+    for c in (256, 2048):
+        x = torch.zeros(2 * c + 1, dtype=torch.float64, device=dev)
+        idle, after = [], []
+        for k in range(args.iters + 10):
+            sync(dev)
+            t = time.perf_counter()
+            hvd.allreduce(x, op=hvd.Sum, name=f"lat.{c}")
+            if k >= 10:
+                idle.append(time.perf_counter() - t)
+        for k in range(max(args.iters // 10, 5)):
+            sync(dev)
+            work()  # queued, not waited for
+            t = time.perf_counter()
+            hvd.allreduce(x, op=hvd.Sum, name=f"lat.{c}")
+            after.append(time.perf_counter() - t)
+        res[f"C{c}"] = {"values": 2 * c + 1, "idle_ms": median_ms(idle),
+                        "idle_p90_ms": round(1e3 * sorted(idle)[int(0.9 * len(idle))], 3),
+                        "after_work_ms": median_ms(after)}
+    return res
+
+
+# --- training steps -------------------------------------------------------------
+
+def s_per_iter(metrics_file: Path) -> dict:
+    """Steady-state seconds per iteration from metrics.jsonl's wall-clock times (second half)."""
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    if not rows:
+        return {}
+    out = {"iterations": rows[-1]["iteration"], "loss": round(rows[-1]["loss"], 4)}
+    pts = [(r["iteration"], r["time"]) for r in rows[len(rows) // 2:]]
+    if len(pts) >= 2 and pts[-1][0] > pts[0][0]:
+        out["s_per_iter"] = round((pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0]), 4)
+    return out
+
+
+def run_figures(args) -> dict:
+    """What a scripts/train.py run left in its output dir: progress, losses, checkpoints, COCO AP."""
+    out_dir = Path(args.output_dir)
+    f = {"output_dir": str(out_dir)}
+    if (out_dir / "metrics.jsonl").exists():
+        f.update(s_per_iter(out_dir / "metrics.jsonl"))
+    if (out_dir / "eval" / "metrics.json").exists():
+        m = json.loads((out_dir / "eval" / "metrics.json").read_text())
+        f["eval"] = {k: m[k] for k in ("AP", "AP50", "iteration") if k in m}
+    ckpts = sorted(p.name for p in (out_dir / "checkpoints").glob("*")) if (out_dir / "checkpoints").is_dir() else []
+    f["checkpoints"] = ckpts
+    log = out_dir / "logs" / "rank-00000.log"
+    if log.exists():
+        text = log.read_text(errors="replace")
+        f["resumed"] = [line.split("resumed from", 1)[1].strip()[:200] for line in text.splitlines()
+                        if "resumed from" in line]
+        f["device_line"] = next((line.split("device:", 1)[1].strip() for line in text.splitlines()
+                                 if "device:" in line), None)
+    return f
+
+
+def train(args) -> dict:
+    """The project's Trainer in this process (as scripts/train.py runs it), for s/iter and peak memory."""
+    import torch
+
+    from hvd_megdet import app, config, dist
+    from hvd_megdet.engine import Trainer
+
+    dev = device()
+    cfg = config.load(args.config, set_device_override(args.overrides, dev))
+    dist.init()
+    out, log = app.start(cfg, args.output_dir)
+    reset_peak(dev)
+    t = time.perf_counter()
+    code = Trainer(cfg, out, log).train()
+    f = {"exit": code, "wall_s": round(time.perf_counter() - t, 1), "device": str(dev),
+         "norm": cfg.model.norm, "amp": cfg.solver.amp, "image_size": cfg.data.min_size,
+         "images_per_iter": cfg.solver.images_per_rank, "peak_gib": peak_gib(dev),
+         "peak_reserved_gib": round(torch.cuda.max_memory_reserved(dev) / 2**30, 3) if dev.type == "cuda" else None}
+    f.update(run_figures(argparse.Namespace(output_dir=out)))
+    if code != 0:
+        raise SystemExit(f"Trainer.train() returned {code}")
+    return f
+
+
+def peer(args) -> dict:
+    """torchvision's own fasterrcnn_resnet50_fpn (random weights, BatchNorm2d, all layers trained,
+    as torchvision builds it without pretrained weights) on the same images, batch and sizes as the
+    ``train`` step's config: its training step time and peak memory."""
+    import torch
+    import torchvision
+
+    from hvd_megdet import config, data
+    from hvd_megdet.data.transforms import to_device
+
+    dev = device()
+    cfg = config.load(args.config, args.overrides)
+    data.prepare(cfg.data)
+    ds = data.train_dataset(cfg.data)
+    batch = cfg.solver.images_per_rank
+    batches = iter(data.train_loader(ds, cfg.data, batch, 0, 1, cfg.train.seed, 0))
+    torch.manual_seed(cfg.train.seed)
+    model = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=ds.num_classes,
+        min_size=cfg.data.min_size, max_size=cfg.data.max_size).to(dev).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.solver.base_lr * batch / cfg.solver.reference_batch,
+                          momentum=cfg.solver.momentum, weight_decay=cfg.solver.weight_decay)
+    amp = args.amp and dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    reset_peak(dev)
+    times, losses = [], []
+    for _ in range(args.iters):
+        images, targets = to_device(*next(batches), dev)
+        sync(dev)
+        t = time.perf_counter()
+        with torch.autocast(dev.type, enabled=amp):
+            loss = sum(model(images, targets).values())
+        opt.zero_grad()
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        losses.append(float(loss))  # a host read per step, as any training loop that logs
+        times.append(time.perf_counter() - t)
+    steady = times[len(times) // 2:] or times
+    return {"device": str(dev), "amp": amp, "iterations": args.iters, "images_per_iter": batch,
+            "image_size": cfg.data.min_size, "s_per_iter": round(statistics.median(steady), 4),
+            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "peak_gib": peak_gib(dev)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("record")
+    r.add_argument("--json", required=True)
+    r.add_argument("--step", required=True)
+    r.add_argument("--rc", type=int, required=True)
+    r.add_argument("--seconds", type=float, required=True)
+    r.add_argument("--figures")
+    r.add_argument("--log")
+    r.add_argument("--why", help="the error text when there is no log (e.g. skipped)")
+    m = sub.add_parser("meta")
+    m.add_argument("--json", required=True)
+    m.add_argument("--set", required=True, help="JSON merged into the top level of gpu.json")
+    m = sub.add_parser("setup-figures")
+    m.add_argument("--json", required=True)
+    m.add_argument("--log", required=True)
+    for name in ("facts", "syncbn", "allreduce", "train", "peer", "run-figures"):
+        s = sub.add_parser(name)
+        s.add_argument("--out", required=True)
+        if name == "syncbn":
+            s.add_argument("--image", default="800x1088")
+            s.add_argument("--iters", type=int, default=10)
+        if name == "allreduce":
+            s.add_argument("--iters", type=int, default=200)
+        if name in ("train", "peer", "run-figures"):
+            s.add_argument("--output-dir", required=True)
+        if name in ("train", "peer"):
+            s.add_argument("--config", default="megdet_r50_fpn")
+            s.add_argument("overrides", nargs="*", metavar="key=value")
+        if name == "peer":
+            s.add_argument("--iters", type=int, default=30)
+            s.add_argument("--amp", action="store_true")
+    args = p.parse_args()
+    if args.cmd in ("record", "meta", "setup-figures"):  # stdlib only
+        return {"record": record, "meta": meta, "setup-figures": setup_figures}[args.cmd](args)
+    fn = {"facts": facts, "syncbn": syncbn, "allreduce": allreduce, "train": train, "peer": peer,
+          "run-figures": run_figures}[args.cmd]
+    figures = fn(args)
+    write_json(args.out, figures)
+    print(json.dumps(figures, default=str)[:2000], flush=True)
+    if figures.get("failed"):
+        raise SystemExit(f"failed: {figures['failed']}")
+
+
+if __name__ == "__main__":
+    main()
