@@ -5,9 +5,14 @@ single process (size 1), initialised or not, so library code and unit tests can
 call them without a launcher.
 
 BN groups (MegDet's "BN size"): contiguous blocks of ``k`` ranks, registered as
-Horovod process sets at ``init(bn_group_size=k)``. Process sets are created with
-Horovod's dynamic process sets, because static ones must be listed before
-``hvd.init`` — i.e. before the world size is known from Horovod itself.
+Horovod process sets at ``init(bn_group_size=k)``. They are *static* process sets:
+Horovod's dynamic ones (``process_sets="dynamic"``) make its background loop coordinate
+process sets on every cycle, which made every collective 2-3x slower here (SyncBN-like
+traffic, 2 and 4 ranks: README "Benchmarks"). Static sets must be given to ``hvd.init``,
+before Horovod tells the world size, so ``init`` starts Horovod without them, reads the
+size, and restarts it with the groups. Under MPI, mpi4py initialises MPI first and Horovod
+is given its communicator: a Horovod that started MPI itself finalises it at shutdown,
+and MPI cannot start twice.
 """
 from __future__ import annotations
 
@@ -51,12 +56,37 @@ class DistError(RuntimeError):
     """A distributed set-up error, raised identically on every rank before any collective."""
 
 
+_comm: list[Any] = []  # mpi4py's COMM_WORLD when MPI runs the job (kept for restarts)
+
+
+def _dynamic() -> bool:
+    """HVD_MEGDET_PROCESS_SETS=dynamic: Horovod's dynamic process sets, the earlier design, kept
+    for scripts/benchmark_process_sets.py to compare against."""
+    return os.environ.get("HVD_MEGDET_PROCESS_SETS") == "dynamic"
+
+
+def _start(process_sets: list) -> None:
+    """hvd.init with these static process sets; MPI jobs through an mpi4py communicator."""
+    if _dynamic():
+        hvd.init(process_sets="dynamic")
+        return
+    gloo = os.environ.get("HOROVOD_CONTROLLER") == "gloo" or bool(os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"))
+    if not _comm and not gloo and hvd.mpi_built():
+        import mpi4py
+        mpi4py.rc.thread_level = "multiple"  # what Horovod's background thread needs
+        from mpi4py import MPI
+        _comm.append(MPI.COMM_WORLD)
+    hvd.init(comm=_comm[0] if _comm else None, process_sets=process_sets or None)
+
+
 def init(bn_group_size: int | Iterable[int] | None = None, timeline: str = "") -> None:
     """Initialise Horovod and register the process sets of the BN groups.
 
     ``bn_group_size``: one size or several (e.g. ``[2, 4]``); each must divide
-    ``size()``. Idempotent for the same sizes. ``timeline``: a file for Horovod's timeline
-    (HOROVOD_TIMELINE, read only inside the first ``hvd.init``; rank 0 writes it).
+    ``size()``. Idempotent for the same sizes; new group sizes restart Horovod with every
+    group registered (collective: call it on every rank, before any other collective of the
+    job is in flight). ``timeline``: a file for Horovod's timeline (HOROVOD_TIMELINE, read
+    inside ``hvd.init``; rank 0 writes it).
     """
     if not hvd.is_initialized():
         # SyncBN makes 2 small synchronous allreduces per BN layer per iteration, each waiting for
@@ -70,7 +100,7 @@ def init(bn_group_size: int | Iterable[int] | None = None, timeline: str = "") -
             os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
         if timeline:
             os.environ["HOROVOD_TIMELINE"] = timeline
-        hvd.init(process_sets="dynamic")
+        _start([])
     sizes = [] if bn_group_size is None else (
         [bn_group_size] if isinstance(bn_group_size, int) else list(bn_group_size))
     world = hvd.size()
@@ -79,20 +109,26 @@ def init(bn_group_size: int | Iterable[int] | None = None, timeline: str = "") -
             raise DistError(f"BN group size {k!r} does not divide the world size {world} "
                             f"(rank {hvd.rank()}): choose a divisor of {world}")
     for k in sizes:
-        if k in _bn_sets:
-            continue
         if k == 1:
             _bn_sets[k] = None
         elif k == world:
             _bn_sets[k] = hvd.global_process_set
-        else:
-            mine = None
-            # add_process_set is collective: every rank adds every group, in the same order.
-            for start in range(0, world, k):
-                ps = hvd.add_process_set(list(range(start, start + k)))
-                if start <= hvd.rank() < start + k:
-                    mine = ps
-            _bn_sets[k] = mine
+    groups = sorted({k for k in sizes if 1 < k < world} | {k for k, ps in _bn_sets.items() if 1 < k < world})
+    if not groups or all(k in _bn_sets for k in groups):
+        return
+    if _dynamic():  # add_process_set is collective: every rank adds every block, in the same order
+        for k in (k for k in groups if k not in _bn_sets):
+            blocks = [hvd.add_process_set(list(range(start, start + k))) for start in range(0, world, k)]
+            _bn_sets[k] = next(ps for ps in blocks if ps.included())
+        return
+    # Restart with every group size's blocks as static sets (rank and size stay Horovod's).
+    blocks = {k: [hvd.ProcessSet(list(range(start, start + k))) for start in range(0, world, k)] for k in groups}
+    hvd.shutdown()
+    _start([ps for k in groups for ps in blocks[k]])
+    if hvd.size() != world:
+        raise DistError(f"Horovod restarted with {hvd.size()} ranks instead of {world} (rank {hvd.rank()})")
+    for k in groups:
+        _bn_sets[k] = next(ps for ps in blocks[k] if ps.included())
 
 
 def rank() -> int:

@@ -10,22 +10,20 @@ resume hold on any world size.
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from hvd_megdet import checkpoint, data, dist, evaluation, faults, optim, signals, sync_bn
+from hvd_megdet import checkpoint, data, dist, evaluation, faults, optim, signals, startup, sync_bn
 from hvd_megdet.progress import Progress, tensorboard
 from hvd_megdet import plan as plan_mod
 from hvd_megdet.config import Config, to_dict
 from hvd_megdet.data.transforms import to_device
 from hvd_megdet.errors import EXIT_PREEMPTED, write_status
 from hvd_megdet.watchdog import Watchdog
-from hvd_megdet.model import (WeightsError, build_model, describe_norms, fetch_weights, load_detector_weights,
-                              weights_path)
+from hvd_megdet.model import build_model, describe_norms
 
 PREEMPTED_EXIT_CODE = EXIT_PREEMPTED  # stopped on a signal after checkpointing; resume with --resume
 # Written by rank 0 once that checkpoint is complete, BEFORE the barrier that releases the other
@@ -55,11 +53,11 @@ class Trainer:
         self.plan = plan_mod.resolve(cfg, dist.size(), training)
         self.sched = self.plan.schedule
         bn_ranks = self._register_bn_groups() if training else None  # evaluation runs on any world size
-        self._prepare_data_and_weights()
+        startup.prepare_data_and_weights(cfg, log)
         self.val_ds = data.val_dataset(cfg.data)
-        check_image_files(self.val_ds)
+        startup.check_image_files(self.val_ds)
         self.model = build_model(cfg, self.val_ds.num_classes, bn_ranks)
-        self._load_detector_weights()
+        startup.load_detector_weights(self.model, cfg.model, log)
         self.model.to(self.device)
         dist.seed_all(cfg.train.seed, per_rank=True)  # per-rank RNG (RPN/ROI sampling); saved in checkpoints
         self.optimizer = optim.build_optimizer(self.model, cfg.solver, self.sched.lr_at(0)) if training else None
@@ -90,45 +88,6 @@ class Trainer:
         if bn.notice:
             self.log.warning("%s", bn.notice)
         return bn.ranks
-
-    def _prepare_data_and_weights(self) -> None:
-        """One rank per node generates data / downloads weights; every rank then checks the weights
-        file on its own node (TORCH_HOME may be node-local), so all fail alike if one lacks it."""
-        cfg, log = self.cfg, self.log
-        weights = weights_path(cfg.model, "backbone_weights")  # a bad name fails here, on every rank alike
-        weights_path(cfg.model, "weights")
-        if dist.local_rank() == 0:
-            data.prepare(cfg.data, log)
-            fetch_weights(cfg.model, "backbone_weights", log)
-            if dist.is_main():  # detector weights are read by rank 0 only (then broadcast)
-                fetch_weights(cfg.model, "weights", log)
-        dist.barrier()
-        if weights:
-            missing = {h for h, ok in dist.allgather_object((socket.gethostname(), weights[0].is_file()),
-                                                            name="backbone_weights") if not ok}
-            if missing:
-                raise WeightsError(
-                    f"model.backbone_weights={cfg.model.backbone_weights}: {weights[0]} not found on "
-                    f"{sorted(missing)}" + (f" and could not be downloaded: place {weights[1]} there" if weights[1] else ""))
-        if dist.is_main() and cfg.model.backbone == "resnet50" and not (cfg.model.backbone_weights or cfg.model.weights):
-            log.warning("model.backbone_weights is empty: the backbone starts from random weights, not the "
-                        "paper's recipe (ImageNet-pretrained ResNet-50): set model.backbone_weights=IMAGENET1K_V1")
-
-    def _load_detector_weights(self) -> None:
-        """``model.weights`` (fine-tuning): rank 0 loads the file into the model (parameters are
-        broadcast next); its verdict reaches every rank, so a bad file fails the job everywhere."""
-        if not self.cfg.model.weights:
-            return
-        verdict = None
-        if dist.is_main():
-            try:
-                verdict = {"info": load_detector_weights(self.model, self.cfg.model)}
-            except WeightsError as e:
-                verdict = {"error": str(e)}
-        verdict = dist.broadcast_object(verdict, name="detector_weights")
-        if "error" in verdict:
-            raise WeightsError(verdict["error"])
-        self.log.info("%s", verdict["info"])
 
     # --- checkpoints -----------------------------------------------------
     def sync_bn_statistics(self, why: str) -> None:
@@ -285,7 +244,7 @@ class Trainer:
         if ds.cat_ids != self.val_ds.cat_ids:
             raise data.DataError(f"train and val annotation files have different categories: "
                                  f"{ds.ann_file} vs {self.val_ds.ann_file}")
-        check_image_files(ds)
+        startup.check_image_files(ds)
         self.log.info("training on %d images from %s", len(ds), ds.ann_file)
         self.log.info("train set: %s", ds.summary())
         return ds
@@ -366,12 +325,3 @@ class Trainer:
 def crossed(before: int, after: int, period: int) -> bool:
     """Whether a multiple of ``period`` images lies in (before, after]; period 0 = never."""
     return period > 0 and before // period < after // period
-
-
-def check_image_files(ds) -> None:
-    """Rank 0 checks that every image file exists (threads); every rank raises the same error.
-    Per-rank startup stays at parsing the annotation file (128 ranks x 118k stats avoided)."""
-    problem = ds.missing_files() if dist.is_main() else None
-    problem = dist.broadcast_object(problem, name=f"image_check_{ds.ann_file.name}")
-    if problem:
-        raise data.DataError(problem)

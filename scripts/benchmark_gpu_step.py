@@ -58,7 +58,8 @@ def record(args) -> None:
     if status != "ok":
         tail = Path(args.log).read_text(errors="replace").splitlines()[-25:] if args.log and \
             Path(args.log).exists() else []
-        error = args.why or "\n".join(tail) or f"exit {args.rc}"
+        head = f"timed out after {args.seconds:.0f}s" if status == "timeout" else f"exit {args.rc}"
+        error = args.why or "\n".join([head, *tail])
     doc["steps"][args.step] = {"ok": status == "ok", "status": status, "rc": args.rc,
                                "seconds": round(args.seconds, 2), "figures": figures, "error": error}
     write_json(path, doc)
@@ -207,7 +208,7 @@ def syncbn(args) -> dict:
     dist.init()
     dev = device()
     h, w = (int(v) for v in args.image.split("x"))
-    shapes = layer_shapes("resnet50", (h, w), device="meta")
+    shapes = layer_shapes("resnet50", (h, w), device="meta")[:args.layers or None]
     torch.manual_seed(0)
     res = {"device": str(dev), "layers": len(shapes), "input": f"2x3x{h}x{w}", "iters": args.iters,
            "elements": sum(torch.Size(s).numel() for s in shapes)}
@@ -261,12 +262,13 @@ def _bn_compare(shapes, dtype, dev, iters, nn, SyncBatchNorm) -> dict:
         del ref, got
         for kind in ("bn", "syncbn"):
             samples = []
-            for k in range(iters + 2):
+            warmup = 2 if iters >= 5 else 1
+            for k in range(iters + warmup):
                 sync(dev)
                 t = time.perf_counter()
                 one_pass(kind)
                 sync(dev)
-                if k >= 2:
+                if k >= warmup:
                     samples.append(time.perf_counter() - t)
             out[f"{kind}_ms"] = median_ms(samples)
             if dev.type == "cuda":
@@ -331,14 +333,17 @@ def allreduce(args) -> dict:
 # --- training steps -------------------------------------------------------------
 
 def s_per_iter(metrics_file: Path) -> dict:
-    """Steady-state seconds per iteration from metrics.jsonl's wall-clock times (second half)."""
+    """Seconds per iteration from metrics.jsonl's wall-clock times: the median over the logged
+    intervals of the second half (a resumed run appends to the file: the gap between runs is one
+    interval, which the median ignores)."""
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     if not rows:
         return {}
     out = {"iterations": rows[-1]["iteration"], "loss": round(rows[-1]["loss"], 4)}
-    pts = [(r["iteration"], r["time"]) for r in rows[len(rows) // 2:]]
-    if len(pts) >= 2 and pts[-1][0] > pts[0][0]:
-        out["s_per_iter"] = round((pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0]), 4)
+    rates = [(b["time"] - a["time"]) / (b["iteration"] - a["iteration"]) for a, b in zip(rows, rows[1:])
+             if b["iteration"] > a["iteration"]]
+    if rates:
+        out["s_per_iter"] = round(statistics.median(rates[len(rates) // 2:]), 4)
     return out
 
 
@@ -358,6 +363,8 @@ def run_figures(args) -> dict:
         text = log.read_text(errors="replace")
         f["resumed"] = [line.split("resumed from", 1)[1].strip()[:200] for line in text.splitlines()
                         if "resumed from" in line]
+        f["loaded"] = [line.split(" loaded ", 1)[1].strip()[:200] for line in text.splitlines()
+                       if " loaded " in line and ".pth" in line]  # --eval-only
         f["device_line"] = next((line.split("device:", 1)[1].strip() for line in text.splitlines()
                                  if "device:" in line), None)
     return f
@@ -459,6 +466,7 @@ def main() -> None:
         if name == "syncbn":
             s.add_argument("--image", default="800x1088")
             s.add_argument("--iters", type=int, default=10)
+            s.add_argument("--layers", type=int, default=0, help="the first N BN layers only (0 = all 53)")
         if name == "allreduce":
             s.add_argument("--iters", type=int, default=200)
         if name in ("train", "peer", "run-figures"):

@@ -13,6 +13,8 @@
 #   bash scripts/gpu_check.sh --rehearse         here, on the CPU: same steps, tiny sizes, same JSON
 # Options: --out DIR (default $OUT, else outputs/gpu_check), --only a,b / --skip a,b (steps),
 #          --deadline S (no step starts later than S seconds after the start; default 560, rehearse 540)
+# Environment: GPU_CHECK_PYTHON (the machine's interpreter with torch; default python3),
+#          GPU_CHECK_WORK (work folder; default a new /tmp/gpu_check.*), HOROVOD_BUILD_CUDA_CC_LIST.
 # Exit: 0 when every step that ran is ok, 1 otherwise (gpu.json says which), 2 bad option.
 set -uo pipefail
 
@@ -71,7 +73,7 @@ if [ "$MODE" = rehearse ]; then
   # the GPU machine's build has no MPI: run the same (single-process) Gloo controller here
   export HOROVOD_CONTROLLER=gloo HOROVOD_CPU_OPERATIONS=gloo
 else
-  PY=python3
+  PY=${GPU_CHECK_PYTHON:-python3}
   DEADLINE=${DEADLINE:-560}
 fi
 
@@ -109,7 +111,7 @@ step() {  # step NAME LIMIT_S CMD... : runs CMD with a time limit; the command w
 
 # --- sizes: the GPU machine's, or tiny ones for the CPU rehearsal -------------------------------
 if [ "$MODE" = rehearse ]; then
-  BN_IMAGE=64x96 BN_ITERS=2 AR_ITERS=20 PEER_ITERS=2
+  BN_IMAGE=64x96 BN_ITERS=1 BN_LAYERS=12 AR_ITERS=20 PEER_ITERS=2
   SHAPES_DATA="data.shapes_train=16 data.shapes_val=4 data.shapes_image_size=64 data.min_size=64 data.max_size=64"
   SHAPES_RUN="solver.max_iter=4 solver.steps=[2,3] solver.warmup_iters=1 train.log_period=1 train.checkpoint_period=2"
   SHAPES_MORE="solver.max_iter=6"
@@ -117,7 +119,7 @@ if [ "$MODE" = rehearse ]; then
   data.workers=0"
   MEGDET_RUN="solver.max_iter=2 solver.steps=[1] solver.warmup_iters=0"
 else
-  BN_IMAGE=800x1088 BN_ITERS=10 AR_ITERS=200 PEER_ITERS=30
+  BN_IMAGE=800x1088 BN_ITERS=10 BN_LAYERS=0 AR_ITERS=200 PEER_ITERS=30
   SHAPES_DATA=""
   SHAPES_RUN="solver.max_iter=60 solver.steps=[40,50] solver.warmup_iters=10 train.log_period=10 train.checkpoint_period=30"
   SHAPES_MORE="solver.max_iter=80"
@@ -145,19 +147,22 @@ export PY STEP FIG
 
 # --- 1. install --------------------------------------------------------------------------------
 if [ "$MODE" = rehearse ]; then
-  # the build itself takes minutes: rehearse the GPU machine's setup.sh checks, not its build
-  step install 180 env HVD_MEGDET_GPU=1 HVD_MEGDET_MPI=0 HVD_MEGDET_VENV="$("$PY" -c 'import sys; print(sys.prefix)')" \
-    ${HVD_MEGDET_OFFLINE_REHEARSE:+HVD_MEGDET_OFFLINE=$CARRY} bash scripts/setup.sh --check-only
+  # the build itself takes minutes: rehearse the GPU machine's setup.sh checks (NCCL flavour where
+  # this machine has a CUDA toolkit), not its build
+  gpu=0
+  { [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] || command -v nvcc >/dev/null; } && gpu=1
+  step install 180 env HVD_MEGDET_GPU=$gpu HVD_MEGDET_MPI=0 HVD_MEGDET_VENV="$("$PY" -c 'import sys; print(sys.prefix)')" \
+    bash scripts/setup.sh --check-only
 else
   # Into the machine's own Python (it is discarded afterwards); a venv seeing its packages where
   # that is not writable. CUDA kernels for this GPU only (all of nvcc's would take minutes more).
-  VENV=$(python3 -c 'import sys; print(sys.prefix)')
-  SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  VENV=$("$PY" -c 'import sys; print(sys.prefix)')
+  SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   if [ ! -w "$SITE" ] || [ ! -x "$VENV/bin/python" ]; then
     VENV=$WORK/venv
-    python3 -m venv "$VENV" && echo "$SITE" > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/gpu_check_base.pth"
+    "$PY" -m venv "$VENV" && echo "$SITE" > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/gpu_check_base.pth"
   fi
-  CC_LIST=$(python3 -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo 90)
+  CC_LIST=$("$PY" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo 90)
   step install 420 env HVD_MEGDET_OFFLINE="$CARRY" HVD_MEGDET_GPU=1 HVD_MEGDET_MPI=0 HVD_MEGDET_VENV="$VENV" \
     HOROVOD_BUILD_CUDA_CC_LIST="${HOROVOD_BUILD_CUDA_CC_LIST:-$CC_LIST}" bash scripts/setup.sh
   PY=$VENV/bin/python
@@ -166,7 +171,8 @@ fi
 
 # --- 2-4. facts, SyncBN, allreduce latency ------------------------------------------------------
 step facts 120 "$PY" "$STEP" facts --out "$FIG/facts.json"
-step syncbn 180 "$PY" "$STEP" syncbn --out "$FIG/syncbn.json" --image "$BN_IMAGE" --iters "$BN_ITERS"
+step syncbn 180 "$PY" "$STEP" syncbn --out "$FIG/syncbn.json" --image "$BN_IMAGE" --iters "$BN_ITERS" \
+  --layers "$BN_LAYERS"
 step allreduce_latency 90 "$PY" "$STEP" allreduce --out "$FIG/allreduce_latency.json" --iters "$AR_ITERS"
 
 # --- 5-9. shapes_tiny on the device: default, AMP, AMP + clipping; resume; eval-only ------------
@@ -194,7 +200,7 @@ for amp in fp32 amp; do
 done
 
 # --- logs back (checkpoints stay behind) -------------------------------------------------------
-tar -czf "$OUT_DIR/gpu_logs.tar.gz" -C "$WORK" --exclude='checkpoints' --exclude='*.jpg' --exclude='tensorboard' \
+tar -czf "$OUT_DIR/gpu_logs.tar.gz" -C "$WORK" --exclude='checkpoints' --exclude='*.jpg' --exclude='tensorboard' --exclude='*.png' \
   --exclude='shapes-*' --exclude='venv' --exclude='detections.json' logs figures $(cd "$WORK" && ls -d cache/*.log \
   shapes_tiny* megdet_* 2>/dev/null) 2>/dev/null || true
 "$RECPY" "$STEP" meta --json "$JSON" --set "{\"total_s\": $(( $(date +%s) - T0 )), \"finished\": \"$(date -u +%FT%TZ)\"}"

@@ -1,74 +1,151 @@
 #!/usr/bin/env python
-"""MegDet's findings in miniature: a grid of real training jobs on the embedded shapes data.
+"""MegDet's findings in miniature, in the paper's regime: a grid of real training jobs on the embedded shapes data.
 
-    python scripts/reproduce_megdet.py [--output-dir outputs/megdet_miniature] [--images 4000] [--quick]
+    python scripts/reproduce_megdet.py [--output-dir outputs/megdet_miniature] [--cells NAME ...]
+    python scripts/reproduce_megdet.py --pilot      # the baseline alone, evaluated every 320 images
+    python scripts/reproduce_megdet.py --list       # the cells and their estimated wall time, nothing run
+    python scripts/reproduce_megdet.py --quick      # two tiny cells (a test of the script)
 
-Every cell is `horovodrun -np N python scripts/train.py --config shapes_tiny ...` (ranks
-oversubscribe this machine's cores) trained on the SAME number of images, with the linear
-scaling rule (lr 0.01 per 8 images) and a schedule given in images (warmup over the first 20 %,
-lr x0.1 at 79 % and 94 %), evaluated on the same 100 val images. The axes (MegDet sections 3-4):
+The regime (MegDet fine-tunes an ImageNet-pretrained ResNet-50 for ~12-16 COCO epochs):
 
-  cgbn      Cross-GPU BN over all ranks, warmup, mini-batch 8 -> 16 -> 32 -> 64
-  nobn      no batch statistics (model.norm=frozen: fixed affine, nothing normalised), warmup,
-            same batches; plus half the lr at the two largest
-  nowarmup  the largest mini-batch with CGBN and no warmup
-  bnsize    mini-batch 32 (8 ranks x 4 images) with BN groups of 1, 2, 4, 8 ranks (BN size 4-32)
-  seed      the 8-image CGBN baseline with two more seeds (seed noise)
+* every cell starts from the same PRETRAINED backbone (scripts/pretrain_backbone.py: the tiny
+  ResNet body classified shapes that are not detection classes; generated under horovodrun on first
+  use); frozen-BN cells (model.norm=frozen) normalise with its BN statistics, MegDet's "without BN";
+* every cell sees the same 9600 images (12 epochs of the 800 training images, COCO's 1x is 12
+  epochs), so the largest mini-batch (32) still makes 300 updates; linear scaling rule (lr 0.01 per
+  8 images: MegDet's 0.02 per 16, the same lr per image), linear warmup over the first 10 % of the
+  images from x0.001, lr x0.1 at 2/3 and 8/9 of them (Detectron's 1x: 60k and 80k of 90k); all
+  fixed fractions, nothing tuned per cell; AP on the same 100 val images every 1600 images
+  (train.eval_period): an AP-vs-images curve per cell.
 
-A cell diverged if training stopped on a non-finite loss, or if its loss blew up (a logged loss
-above 3x the first one). Finished cells are skipped (resumable); each has a time limit. Writes
-OUTPUT_DIR/<cell>/cell.json, and benchmarks/megdet_miniature.{json,png} (--quick: in OUTPUT_DIR).
+The axes (mini-batch = ranks x images per rank; ranks oversubscribe this machine's cores):
+
+  cgbn      (a) CGBN over all ranks + warmup, mini-batch 4 (1x4), 8 (2x4: the baseline), 16 (4x4), 32 (8x4)
+  frozen    (b) frozen pretrained BN + warmup, same batches; plus half the lr at 16 and 32
+  nowarmup  (c) mini-batch 32 with CGBN and no warmup
+  bnsize    (d) BN size at mini-batch 32: 2 (16x2, local BN), 4 (8x4, local BN), 8, 16 (8x4, BN groups
+            of 2 and 4 ranks), 32 (= cgbn_b32)
+  seeds     (e) seeds 42, 1, 2 of the baseline cgbn_b8, of cgbn_b32 (the largest CGBN cell and the
+            largest BN size) and of bnsize_b32_bn2 (the smallest BN size); the backbone stays the same
+
+A BN statistic over k images is the same function whatever the split of those k images over ranks
+(SyncBN equals BatchNorm on the concatenated batch, tests/test_sync_bn.py): only BN size 2 needs 2
+images per rank; the others keep 4 per rank, which costs 2-4x less per image here.
+
+A cell diverged if it stopped on a non-finite loss or its loss rose above 3x its first logged value.
+Finished cells are skipped (resumable) unless their recipe changed; --cells re-runs the named
+ones; each cell has a time limit. Writes OUTPUT_DIR/<cell>/cell.json and
+benchmarks/megdet_miniature.{json,png} (--pilot: benchmarks/megdet_pilot.*; --quick: in OUTPUT_DIR).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
-# 0.01 per 8 images, half the demo's 0.02: a first grid with 0.02 and a 10 % warmup diverged at
-# mini-batch 32 even with CGBN (lr 0.08, 12 warmup iterations), leaving the BN-size axis empty.
-BASE_LR, REFERENCE = 0.01, 8
-WARMUP_FRACTION = 0.2
 
+from hvd_megdet import pretrain  # noqa: E402
+
+REFERENCE = 8            # the batch that the base lr is given for (the demo's 2 ranks x 4 images)
+BASELINE = "cgbn_b8"
+SEEDS = (42, 1, 2)
+PRETRAIN_RANKS = 2
+DEFAULTS = {  # the recipe; --quick and --pilot change only what they say
+    "images": 9600,           # per cell: 12 epochs of 800; 300 updates at mini-batch 32
+    "base_lr": 0.01,          # per REFERENCE images (MegDet: 0.02 per 16)
+    "warmup_fraction": 0.1,
+    "decay_fractions": (2 / 3, 8 / 9),
+    "eval_period": 1600,      # images between evaluations (6 points per curve)
+    "train_images": 800,      # data.shapes_train
+}
+PILOT_EVAL_PERIOD = 320
+QUICK = {"images": 160, "eval_period": 80, "train_images": 64}
+
+# --- cost model: images/s of training, one thread per rank, this 2-core machine -----------------
+# >= 4 images per rank, by ranks: np1 benchmarks/train.json (19.7); np2 the demo (DESIGN.md, ~34);
+# np4 / np8 the committed 4000-image grid (cgbn_b16 120 s, cgbn_b32 133 s with start-up and
+# evaluation: 33 / 30 gross); np16 extrapolated.
+RATE_4 = {1: 19.7, 2: 34.0, 4: 33.0, 8: 30.0, 16: 28.0}
+# 1 image per rank (DESIGN.md: 6.6 / 9.1 / 8.3 / 11.5, 20 iterations with warm-up): 3-5x the cost.
+RATE_1 = {2: 6.6, 4: 9.1, 8: 8.3, 16: 11.5}
+FROZEN_SPEEDUP = 53 / 49  # DESIGN.md: frozen BN 53 vs SyncBN 49 images/s
+START_S, EVAL_S = 20.0, 3.0  # launch + set-up of a cell; one evaluation of 100 val images
+
+
+def rate(ranks: int, per_rank: int, norm: str) -> float:
+    """Estimated training images/s. Between 1 and 4 images per rank the cost per image is
+    a + b / images (a >= 0) through the two measured ends."""
+    r4 = RATE_4.get(ranks, RATE_4[16])
+    if per_rank >= 4 or ranks not in RATE_1:
+        r = r4 * min(per_rank, 4) / 4
+    else:
+        c1, c4 = 1 / RATE_1[ranks], 1 / r4
+        b = (c1 - c4) / 0.75
+        a = max(c1 - b, 0.0)
+        r = 1 / (a + b / per_rank)
+    return r * (FROZEN_SPEEDUP if norm == "frozen" else 1.0)
+
+
+def estimate_s(c: dict, recipe: dict) -> float:
+    evals = recipe["images"] // recipe["eval_period"] + (recipe["images"] % recipe["eval_period"] > 0)
+    return START_S + recipe["images"] / rate(c["ranks"], c["images_per_rank"], c["norm"]) + EVAL_S * evals
+
+
+# --- the grid ----------------------------------------------------------------------------------
 
 def cell(name, group, ranks, per_rank, norm="syncbn", bn_ranks=0, lr_scale=1.0, warmup=True, seed=42):
-    return {"name": name, "group": group, "ranks": ranks, "images_per_rank": per_rank,
-            "mini_batch": ranks * per_rank, "norm": norm, "bn_group_ranks": (bn_ranks or ranks) if norm == "syncbn" else 0,
-            "lr_scale": lr_scale, "warmup": warmup, "seed": seed}
+    bn_ranks = (bn_ranks or ranks) if norm == "syncbn" else 0
+    return {"name": name if seed == 42 else f"{name}_seed{seed}", "group": group, "ranks": ranks,
+            "images_per_rank": per_rank, "mini_batch": ranks * per_rank, "norm": norm, "bn_group_ranks": bn_ranks,
+            "bn_size": bn_ranks * per_rank, "lr_scale": lr_scale, "warmup": warmup, "seed": seed}
 
 
-def grid(quick: bool) -> list[dict]:
+def grid(quick: bool = False) -> list[dict]:
     if quick:  # two tiny cells: one that trains, one that must diverge
         return [cell("quick_cgbn_b4", "cgbn", 2, 2),
-                cell("quick_nobn_lr1000", "nobn", 2, 2, norm="frozen", lr_scale=1000.0, warmup=False)]
-    cells = []
-    for ranks, per in ((2, 4), (4, 4), (8, 4), (8, 8)):
-        cells.append(cell(f"cgbn_b{ranks * per}", "cgbn", ranks, per))
-        cells.append(cell(f"nobn_b{ranks * per}", "nobn", ranks, per, norm="frozen"))
-    cells += [cell("nobn_b32_halflr", "nobn", 8, 4, norm="frozen", lr_scale=0.5),
-              cell("nobn_b64_halflr", "nobn", 8, 8, norm="frozen", lr_scale=0.5),
-              cell("cgbn_b64_nowarmup", "nowarmup", 8, 8, warmup=False)]
-    cells += [cell(f"bnsize_b32_bn{4 * g}", "bnsize", 8, 4, bn_ranks=g) for g in (1, 2, 4)]
-    cells += [cell(f"seed_b8_s{s}", "seed", 2, 4, seed=s) for s in (1, 2)]
+                cell("quick_frozen_lr1000", "frozen", 2, 2, norm="frozen", lr_scale=1000.0, warmup=False)]
+    axis = ((1, 4), (2, 4), (4, 4), (8, 4))
+    cells = [cell(f"cgbn_b{r * p}", "cgbn", r, p) for r, p in axis]
+    cells += [cell(f"frozen_b{r * p}", "frozen", r, p, norm="frozen") for r, p in axis]
+    cells += [cell(f"frozen_b{r * p}_halflr", "frozen", r, p, norm="frozen", lr_scale=0.5) for r, p in axis[2:]]
+    cells += [cell("cgbn_b32_nowarmup", "nowarmup", 8, 4, warmup=False)]
+    bnsize = lambda bn, seed=42: (cell("bnsize_b32_bn2", "bnsize", 16, 2, bn_ranks=1, seed=seed) if bn == 2 else
+                                  cell(f"bnsize_b32_bn{bn}", "bnsize", 8, 4, bn_ranks=bn // 4, seed=seed))
+    cells += [bnsize(bn) for bn in (2, 4, 8, 16)]  # BN size 32 is cgbn_b32
+    for seed in SEEDS[1:]:
+        cells += [cell("cgbn_b8", "cgbn", 2, 4, seed=seed), cell("cgbn_b32", "cgbn", 8, 4, seed=seed), bnsize(2, seed)]
     return cells
 
 
-def overrides(c: dict, images: int) -> list[str]:
-    iters = images // REFERENCE  # configured iterations are at the reference batch (8 images)
+def schedule(c: dict, recipe: dict) -> tuple[int, list[int], int]:
+    """(max_iter, steps, warmup_iters) in configured iterations, i.e. at the reference batch
+    (images / 8): the same images for every cell, whatever its mini-batch."""
+    iters = recipe["images"] // REFERENCE
+    steps = sorted({min(max(1, round(iters * f)), iters - 1) for f in recipe["decay_fractions"]})
+    warmup = max(1, round(iters * recipe["warmup_fraction"])) if c["warmup"] and recipe["warmup_fraction"] else 0
+    return iters, steps, warmup
+
+
+def overrides(c: dict, recipe: dict, backbone: str) -> list[str]:
+    iters, steps, warmup = schedule(c, recipe)
     ov = [f"solver.images_per_rank={c['images_per_rank']}", f"solver.reference_batch={REFERENCE}",
-          f"solver.base_lr={BASE_LR * c['lr_scale']}", f"solver.max_iter={iters}",
-          f"solver.steps=[{min(round(iters * 0.79), iters - 2)},{min(round(iters * 0.94), iters - 1)}]",
-          f"solver.warmup_iters={max(1, round(iters * WARMUP_FRACTION)) if c['warmup'] else 0}",
-          f"model.norm={c['norm']}",
-          f"train.seed={c['seed']}", "train.checkpoint_period=1000000", "train.checkpoint_minutes=0",
-          f"train.log_period={max(1, 40 // c['mini_batch'])}", "train.num_visualizations=0", "data.workers=0"]
+          f"solver.base_lr={recipe['base_lr'] * c['lr_scale']:g}", f"solver.max_iter={iters}",
+          f"solver.steps=[{','.join(map(str, steps))}]", f"solver.warmup_iters={warmup}",
+          f"model.norm={c['norm']}", f"model.backbone_weights={backbone}", f"train.seed={c['seed']}",
+          f"train.eval_period={recipe['eval_period'] // REFERENCE}", f"data.shapes_train={recipe['train_images']}",
+          "train.checkpoint_period=1000000", "train.checkpoint_minutes=0", "train.num_visualizations=0",
+          f"train.log_period={max(1, 40 // c['mini_batch'])}", "data.workers=0"]
     if c["norm"] == "syncbn":
         ov.append(f"model.bn_group_size={c['bn_group_ranks']}")
     return ov
@@ -81,121 +158,293 @@ def diverged(records: list[dict], crashed_nonfinite: bool) -> bool:
     return bool(losses) and (not all(map(math.isfinite, losses)) or max(losses) > 3 * losses[0])
 
 
-def run_cell(c: dict, images: int, out_root: Path, limit_s: float, extra: list[str]) -> dict:
-    out = out_root / c["name"]
-    done = out / "cell.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [str(BIN / "horovodrun"), "-np", str(c["ranks"]), "-H", f"localhost:{c['ranks']}", "--mpi",
-           sys.executable, str(REPO / "scripts/train.py"), "--config", "shapes_tiny", "--output-dir", str(out),
-           *overrides(c, images), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1",
-           "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_btl_vader_single_copy_mechanism": "none", "PYTHONPATH": str(REPO)}
-    for stale in ("metrics.jsonl", "eval/metrics.json"):
-        (out / stale).unlink(missing_ok=True)
-    print(f"-- {c['name']}: {c['ranks']} ranks x {c['images_per_rank']} images, {c['norm']}, "
-          f"lr x{c['lr_scale']}, warmup {c['warmup']}", flush=True)
-    t0 = time.time()
+def ap_curve(out: Path) -> list[list[float]]:
+    """[images seen, AP, AP50] of every evaluation, from the run's TensorBoard scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    if not (out / "tensorboard").is_dir():
+        return []
+    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    if "eval/AP" not in ea.Tags()["scalars"]:
+        return []
+    ap50 = {e.step: e.value for e in ea.Scalars("eval/AP50")}
+    return [[e.step, round(e.value, 5), round(ap50.get(e.step, float("nan")), 5)] for e in ea.Scalars("eval/AP")]
+
+
+def launcher_env(threads: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "OMPI_MCA_rmaps_base_oversubscribe": "1",
+            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            "OMPI_MCA_btl_vader_single_copy_mechanism": "none", "PYTHONPATH": str(REPO),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def run_job(cmd: list[str], env: dict, limit_s: float) -> tuple[int | str, str]:
+    """(exit code or 'timeout', output); a job past its limit is killed with all its ranks."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit_s)
-        code, text = res.returncode, res.stdout + res.stderr
-    except subprocess.TimeoutExpired as e:
-        code, text = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else str(e.stdout)
+        out, _ = proc.communicate(timeout=limit_s)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return "timeout", proc.communicate()[0]
+
+
+def cell_key(c: dict, ov: list[str]) -> str:
+    """What makes a finished cell reusable: its cell and its full command line (threads aside)."""
+    blob = json.dumps([{k: c[k] for k in sorted(c)}, [o for o in ov if not o.startswith("train.threads_per_rank")]])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def finished(out_root: Path, c: dict, recipe: dict, backbone: dict, extra: list[str]) -> dict | None:
+    done = out_root / c["name"] / "cell.json"
+    if not done.is_file():
+        return None
+    result = json.loads(done.read_text())
+    if result.get("key") != cell_key(c, overrides(c, recipe, backbone["path"]) + extra):
+        print(f"-- {c['name']}: finished with another recipe or backbone: re-running it", flush=True)
+        return None
+    return result
+
+
+def run_cell(c: dict, recipe: dict, backbone: dict, out_root: Path, limit_s: float | None,
+             extra: list[str]) -> dict:
+    out = out_root / c["name"]
+    shutil.rmtree(out, ignore_errors=True)  # no stale metrics, TensorBoard events or checkpoints
+    out.mkdir(parents=True)
+    threads = max(1, (os.cpu_count() or 1) // c["ranks"])  # np 1 may use every core
+    ov = overrides(c, recipe, backbone["path"]) + extra + [f"train.threads_per_rank={threads}"]
+    cmd = [str(BIN / "horovodrun"), "-np", str(c["ranks"]), "-H", f"localhost:{c['ranks']}", "--mpi",
+           sys.executable, str(REPO / "scripts/train.py"), "--config", "shapes_tiny", "--output-dir", str(out), *ov]
+    est = estimate_s(c, recipe)
+    limit = limit_s or max(300.0, 3 * est)
+    print(f"-- {c['name']}: {c['ranks']} ranks x {c['images_per_rank']} images, {c['norm']}, BN size "
+          f"{c['bn_size'] or '-'}, lr x{c['lr_scale']}, warmup {c['warmup']}, seed {c['seed']} "
+          f"(estimate {est:.0f} s, limit {limit:.0f} s)", flush=True)
+    t0 = time.time()
+    code, text = run_job(cmd, launcher_env(threads), limit)
     wall = time.time() - t0
     (out / "launcher.log").write_text(text or "")
     metrics_file = out / "metrics.jsonl"
     records = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
-    nonfinite = "NonFiniteLoss" in (text or "")
     ev = out / "eval" / "metrics.json"
     m = json.loads(ev.read_text()) if ev.is_file() and code == 0 else {}
-    result = {**c, "lr": BASE_LR * c["lr_scale"] * c["mini_batch"] / REFERENCE, "images": images,
-              "iterations": records[-1]["iteration"] if records else 0, "exit": code,
-              "AP": m.get("AP", 0.0), "AP50": m.get("AP50", 0.0), "diverged": diverged(records, nonfinite),
+    _, steps, warmup = schedule(c, recipe)
+    result = {**c, "config": "shapes_tiny", "overrides": ov, "key": cell_key(c, ov),
+              "lr": recipe["base_lr"] * c["lr_scale"] * c["mini_batch"] / REFERENCE, "images": recipe["images"],
+              "warmup_images": warmup * REFERENCE, "decay_images": [s * REFERENCE for s in steps],
+              "eval_period_images": recipe["eval_period"], "iterations": records[-1]["iteration"] if records else 0,
+              "exit": code, "AP": m.get("AP", 0.0), "AP50": m.get("AP50", 0.0),
+              "diverged": diverged(records, "NonFiniteLoss" in (text or "")),
               "final_loss": records[-1]["loss"] if records else None,
               "peak_loss": max((r["loss"] for r in records), default=None), "wall_s": round(wall, 1),
-              "bn_size": c["bn_group_ranks"] * c["images_per_rank"] if c["norm"] == "syncbn" else 0,
-              "loss_curve": [[r["images"], r["loss"]] for r in records]}
+              "estimate_s": round(est), "threads_per_rank": threads,
+              "backbone_weights": backbone["path"], "backbone_digest": backbone["digest"],
+              "backbone_heldout_accuracy": backbone["heldout_accuracy"],
+              "ap_curve": ap_curve(out), "loss_curve": [[r["images"], r["loss"]] for r in records]}
     print(f"   AP {result['AP']:.3f}  diverged {result['diverged']}  {result['iterations']} iterations  "
           f"{wall:.0f} s", flush=True)
     if code != 0 and not result["diverged"]:  # not recorded as done: a rerun tries it again
         print(f"   {c['name']} FAILED (exit {code}); see {out / 'launcher.log'}", flush=True)
     else:
-        done.write_text(json.dumps(result))
+        (out / "cell.json").write_text(json.dumps(result))
     return result
+
+
+def ensure_backbone(quick: bool) -> dict:
+    """The pretrained backbone's weights.json (path, digest, held-out accuracy), pretraining it
+    under horovodrun first if the cache does not hold it yet."""
+    recipe = pretrain.QUICK if quick else pretrain.DEFAULT
+    folder = pretrain.weights_dir(recipe, PRETRAIN_RANKS)
+    info = pretrain.read_info(folder)
+    if info is None:
+        print(f"-- pretraining the backbone on {PRETRAIN_RANKS} ranks into {folder}", flush=True)
+        cmd = [str(BIN / "horovodrun"), "-np", str(PRETRAIN_RANKS), "-H", f"localhost:{PRETRAIN_RANKS}", "--mpi",
+               sys.executable, str(REPO / "scripts/pretrain_backbone.py")] + (["--quick"] if quick else [])
+        code, text = run_job(cmd, launcher_env(1), 600 if quick else 3600)
+        info = pretrain.read_info(folder)
+        if code != 0 or info is None:
+            print(text, f"\npretraining failed (exit {code})", file=sys.stderr, flush=True)
+            raise SystemExit(1)
+    else:
+        print(f"-- backbone: reusing {folder}", flush=True)
+    print(f"   held-out accuracy {info['heldout_accuracy']:.3f} (chance {info['chance']:.3f}), "
+          f"pretrained in {info['wall_s']:.0f} s", flush=True)
+    return info
+
+
+# --- the summary: JSON, PNG, table -----------------------------------------------------------
+
+def points(cells: list[dict], group: str, x: str, **match) -> list[tuple]:
+    """(x, mean AP, min, max, seeds, any diverged) per value of ``x`` among the matching cells."""
+    by = {}
+    for c in cells:
+        if c["group"] == group and all(c[k] == v for k, v in match.items()):
+            by.setdefault(c[x], []).append(c)
+    return [(k, sum(c["AP"] for c in v) / len(v), min(c["AP"] for c in v), max(c["AP"] for c in v), len(v),
+             any(c["diverged"] for c in v)) for k, v in sorted(by.items())]
+
+
+def aggregates(cells: list[dict]) -> list[dict]:
+    """Mean, min, max and seeds of every cell that has more than one seed."""
+    by = {}
+    for c in cells:
+        by.setdefault(c["name"].split("_seed")[0], []).append(c)
+    return [{"cell": k, "seeds": [c["seed"] for c in v], "AP": [c["AP"] for c in v],
+             "AP_mean": sum(c["AP"] for c in v) / len(v), "AP_spread": max(c["AP"] for c in v) - min(c["AP"] for c in v)}
+            for k, v in by.items() if len(v) > 1]
 
 
 def plot(cells: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax = axes[0]
-    for group, label in (("cgbn", "CGBN + warmup"), ("nobn", "no BN stats + warmup")):
-        pts = sorted((c["mini_batch"], c["AP"], c["diverged"]) for c in cells if c["group"] == group)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-            ax.scatter([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], marker="x", s=90, c="red")
-    for c in cells:
-        if "halflr" in c["name"] or c["group"] == "nowarmup":
-            ax.scatter([c["mini_batch"]], [c["AP"]], marker="s" if "halflr" in c["name"] else "^",
-                       label=c["name"], zorder=3)
-    seeds = [c["AP"] for c in cells if c["group"] == "seed" or c["name"] == "cgbn_b8"]
-    if len(seeds) > 1:
-        ax.scatter([8] * len(seeds), seeds, c="gray", s=14, label=f"CGBN b8, {len(seeds)} seeds", zorder=2)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+
+    def spread(ax, pts, label, style):
+        if not pts:
+            return
+        xs, mean, lo, hi = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], [p[3] for p in pts]
+        ax.errorbar(xs, mean, yerr=[[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]],
+                    fmt=style, capsize=4, label=label)
+        ax.scatter([p[0] for p in pts if p[5]], [p[1] for p in pts if p[5]], marker="x", s=110, c="red", zorder=4)
+
+    ax = axes[0, 0]
+    spread(ax, points(cells, "cgbn", "mini_batch", lr_scale=1.0), "CGBN + warmup (bar: seed min-max)", "o-")
+    spread(ax, points(cells, "frozen", "mini_batch", lr_scale=1.0), "frozen BN + warmup", "s-")
+    spread(ax, points(cells, "frozen", "mini_batch", lr_scale=0.5), "frozen BN, half lr", "D--")
+    spread(ax, points(cells, "nowarmup", "mini_batch"), "CGBN, no warmup", "^")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="mini-batch (images)", ylabel="bbox AP", title="AP vs mini-batch (red x = diverged)")
     ax.legend(fontsize=7)
-    ax = axes[1]
-    pts = sorted((c["bn_size"], c["AP"]) for c in cells if c["group"] == "bnsize" or
-                 (c["group"] == "cgbn" and c["mini_batch"] == 32))
-    if pts:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+    ax = axes[0, 1]
+    biggest = max((c["mini_batch"] for c in cells if c["group"] == "cgbn"), default=0)
+    pool = [{**c, "group": "bnsize"} for c in cells
+            if c["group"] == "bnsize" or (c["group"] == "cgbn" and c["mini_batch"] == biggest and c["lr_scale"] == 1.0)]
+    spread(ax, points(pool, "bnsize", "bn_size", mini_batch=biggest), f"CGBN, mini-batch {biggest}", "o-")
     ax.set_xscale("log", base=2)
-    ax.set_ylim(0, max([p[1] for p in pts] + [0.01]) * 1.5)
-    ax.set(xlabel="BN size (images)", ylabel="bbox AP", title="AP vs BN size (mini-batch 32)")
-    ax = axes[2]
-    biggest = max((c["mini_batch"] for c in cells), default=0)
+    ax.set(xlabel="BN size (images per statistic)", ylabel="bbox AP", title=f"AP vs BN size (mini-batch {biggest})")
+    ax.legend(fontsize=7)
+    ax = axes[1, 0]
     for c in cells:
-        if c["mini_batch"] == biggest and c["norm"] == "syncbn" and c["loss_curve"]:
+        if c["mini_batch"] == biggest and c["norm"] == "syncbn" and c["seed"] == 42 and c["loss_curve"] \
+                and c["group"] in ("cgbn", "nowarmup"):
             xs, ys = zip(*c["loss_curve"])
             ax.plot(xs, ys, label=f"{c['name']} ({'warmup' if c['warmup'] else 'no warmup'})")
     ax.set_yscale("log")
-    ax.set(xlabel="images seen", ylabel="training loss (log)", title=f"loss at mini-batch {biggest}")
+    ax.set(xlabel="images seen", ylabel="training loss (log)", title=f"loss at mini-batch {biggest}, CGBN")
+    ax.legend(fontsize=7)
+    ax = axes[1, 1]
+    smallest = min((c["mini_batch"] for c in cells if c["name"].startswith(BASELINE)), default=None)
+    for c in cells:
+        if c["group"] == "cgbn" and c["ap_curve"] and (c["name"].startswith(BASELINE) or c["mini_batch"] == biggest):
+            xs, ys = [p[0] for p in c["ap_curve"]], [p[1] for p in c["ap_curve"]]
+            ax.plot(xs, ys, "o-" if c["mini_batch"] == smallest else "s--", ms=3,
+                    label=f"mini-batch {c['mini_batch']}, seed {c['seed']}")
+    ax.set(xlabel="images seen", ylabel="bbox AP (val)", title="AP vs images seen: baseline and largest batch")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
 
-def main() -> int:
+def table(cells: list[dict]) -> str:
+    lines = [f"{'cell':26} {'batch':>5} {'BN':>3} {'lr':>7} {'AP':>6} {'AP50':>6} {'div':>5} {'iters':>6} {'s':>6} {'est':>6}"]
+    for c in cells:
+        lines.append(f"{c['name']:26} {c['mini_batch']:5d} {c['bn_size']:3d} {c['lr']:7.4f} {c['AP']:6.3f} "
+                     f"{c['AP50']:6.3f} {str(c['diverged']):>5} {c['iterations']:6d} {c['wall_s']:6.0f} "
+                     f"{c['estimate_s']:6.0f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=str(REPO / "outputs" / "megdet_miniature"))
-    p.add_argument("--images", type=int, default=4000, help="training images per cell")
-    p.add_argument("--cell-timeout", type=float, default=900, help="seconds per cell")
-    p.add_argument("--quick", action="store_true", help="two tiny cells (a test of the script)")
+    p.add_argument("--cells", nargs="+", metavar="NAME", help="(re-)run only these cells (see --list)")
+    p.add_argument("--images", type=int, default=DEFAULTS["images"], help="training images per cell")
+    p.add_argument("--base-lr", type=float, default=DEFAULTS["base_lr"], help=f"lr per {REFERENCE} images")
+    p.add_argument("--warmup-fraction", type=float, default=DEFAULTS["warmup_fraction"],
+                   help="linear warmup over this fraction of the images")
+    p.add_argument("--decay-fractions", type=float, nargs="+", default=list(DEFAULTS["decay_fractions"]),
+                   help="lr x0.1 after these fractions of the images")
+    p.add_argument("--eval-period", type=int, default=None,
+                   help=f"images between evaluations (default {DEFAULTS['eval_period']}; --pilot {PILOT_EVAL_PERIOD})")
+    p.add_argument("--train-images", type=int, default=DEFAULTS["train_images"],
+                   help="size of the generated training set (data.shapes_train)")
+    p.add_argument("--cell-timeout", type=float, default=None,
+                   help="seconds per cell (default: 3x its estimate, at least 300)")
+    p.add_argument("--pilot", action="store_true", help=f"only the baseline ({BASELINE}), evaluated often")
+    p.add_argument("--list", action="store_true", help="print the cells and the cost model's estimates, run nothing")
+    p.add_argument("--quick", action="store_true", help="two tiny cells and a tiny pretraining (a test of the script)")
     p.add_argument("--data-root", default=None, help="the shapes set (default: shapes_tiny's cache)")
-    args = p.parse_args()
-    out = Path(args.output_dir)
-    images = 160 if args.quick else args.images
+    args = p.parse_args(argv)
+    if args.quick:
+        args.images, args.train_images = QUICK["images"], QUICK["train_images"]
+        args.eval_period = args.eval_period or QUICK["eval_period"]
+    args.eval_period = args.eval_period or (PILOT_EVAL_PERIOD if args.pilot else DEFAULTS["eval_period"])
+    for name in ("images", "eval_period"):
+        if getattr(args, name) <= 0 or getattr(args, name) % REFERENCE:
+            p.error(f"--{name.replace('_', '-')} must be a positive multiple of {REFERENCE}")
+    if not all(0 < f < 1 for f in args.decay_fractions) or not 0 <= args.warmup_fraction < 1:
+        p.error("--decay-fractions must lie in (0, 1) and --warmup-fraction in [0, 1)")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    recipe = {"images": args.images, "base_lr": args.base_lr, "reference_batch": REFERENCE,
+              "warmup_fraction": args.warmup_fraction, "decay_fractions": sorted(args.decay_fractions),
+              "eval_period": args.eval_period, "train_images": args.train_images}
+    cells = grid(args.quick)
+    if args.pilot:
+        cells = [c for c in cells if c["name"] == BASELINE]
+    if args.cells:
+        unknown = sorted(set(args.cells) - {c["name"] for c in cells})
+        if unknown:
+            print(f"unknown cell(s) {unknown}: choose from {[c['name'] for c in cells]}", file=sys.stderr)
+            return 2
+    if args.list:
+        for c in cells:
+            print(f"{c['name']:26} {c['ranks']:2d} ranks x {c['images_per_rank']} images  {c['norm']:6}  BN size "
+                  f"{c['bn_size']:2d}  lr x{c['lr_scale']:<4} warmup {str(c['warmup']):5}  "
+                  f"{args.images // c['mini_batch']:5d} iterations  ~{estimate_s(c, recipe):4.0f} s")
+        total = sum(estimate_s(c, recipe) for c in cells)
+        print(f"{len(cells)} cells, {args.images} images each: ~{total:.0f} s = {total / 3600:.2f} h "
+              f"(+ the backbone's pretraining on first use)")
+        return 0
+    out = Path(args.output_dir) / ("pilot" if args.pilot else "")
     extra = [f"data.root={args.data_root}"] if args.data_root else []
     if args.quick:  # a small, separate data set
-        extra = [f"data.root={args.data_root or out / 'shapes'}", "data.shapes_train=64", "data.shapes_val=16",
+        extra = [f"data.root={args.data_root or out / 'shapes'}", "data.shapes_val=16",
                  "data.shapes_image_size=96", "data.min_size=96", "data.max_size=96"]
     t0 = time.time()
-    cells = [run_cell(c, images, out, args.cell_timeout, extra) for c in grid(args.quick)]
-    summary = {"images_per_cell": images, "reference_batch": REFERENCE, "base_lr": BASE_LR,
-               "warmup_fraction": WARMUP_FRACTION, "cells_wall_s": round(sum(c["wall_s"] for c in cells), 1),
-               "wall_s": round(time.time() - t0, 1), "cells": cells}
-    dest = out if args.quick else REPO / "benchmarks"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "megdet_miniature.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot(cells, dest / "megdet_miniature.png")
-    print(f"\n{'cell':22} {'batch':>5} {'BN':>3} {'lr':>7} {'AP':>6} {'div':>5} {'iters':>6} {'s':>6}")
+    backbone = ensure_backbone(args.quick)
+    results = []
     for c in cells:
-        print(f"{c['name']:22} {c['mini_batch']:5d} {c['bn_size']:3d} {c['lr']:7.4f} {c['AP']:6.3f} "
-              f"{str(c['diverged']):>5} {c['iterations']:6d} {c['wall_s']:6.0f}")
-    print(f"saved {dest / 'megdet_miniature.json'} and .png ({summary['wall_s']:.0f} s now; the cells took "
+        rerun = args.cells and c["name"] in args.cells
+        done = None if rerun else finished(out, c, recipe, backbone, extra)
+        if done is None and (not args.cells or rerun):
+            done = run_cell(c, recipe, backbone, out, args.cell_timeout, extra)
+        elif done is not None:
+            print(f"-- {c['name']}: finished (AP {done['AP']:.3f}), skipped", flush=True)
+        if done is not None:
+            results.append(done)
+    summary = {"recipe": recipe, "baseline": BASELINE, "seeds": list(SEEDS),
+               "backbone": backbone, "cost_model": {"rate_4_per_rank": RATE_4, "rate_1_per_rank": RATE_1,
+                                                    "frozen_speedup": FROZEN_SPEEDUP, "start_s": START_S,
+                                                    "eval_s": EVAL_S},
+               "estimated_wall_s": round(sum(estimate_s(c, recipe) for c in cells)),
+               "cells_wall_s": round(sum(c["wall_s"] for c in results), 1), "wall_s": round(time.time() - t0, 1),
+               "seed_spread": aggregates(results), "cells": results}
+    dest = out if args.quick else REPO / "benchmarks"
+    name = "megdet_pilot" if args.pilot else "megdet_miniature"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(results, dest / f"{name}.png")
+    print("\n" + table(results))
+    for c in results:
+        if c["ap_curve"] and (args.pilot or c["name"] == BASELINE):
+            print(f"AP curve of {c['name']}: " + ", ".join(f"{int(i)}: {a:.3f}" for i, a, _ in c["ap_curve"]))
+    print(f"saved {dest / name}.json and .png ({summary['wall_s']:.0f} s now; the cells took "
           f"{summary['cells_wall_s']:.0f} s)")
     return 0
 

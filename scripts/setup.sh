@@ -31,6 +31,7 @@ VENV=${HVD_MEGDET_VENV:-$REPO/.venv}
 CACHE=${HVD_MEGDET_CACHE:-$HOME/.cache/hvd_megdet}
 OFFLINE=${HVD_MEGDET_OFFLINE:-}
 HOROVOD_VERSION=0.28.1
+PATCHES=p2                         # the patch set applied to its sdist below (part of the cache key)
 TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
 CMAKE_MIN=3.13                     # horovod 0.28.1's cmake_minimum_required
@@ -261,7 +262,7 @@ if [ "$WITH_MPI" = 1 ]; then
   esac
 fi
 # Everything the wheel depends on: a shared $HOME must never hand one machine's build to another.
-KEY="horovod-$HOROVOD_VERSION-$FLAVOUR-py$PYVER-torch$TORCH_FULL-cuda${NVCC_VER:-none}"
+KEY="horovod-$HOROVOD_VERSION$PATCHES-$FLAVOUR-py$PYVER-torch$TORCH_FULL-cuda${NVCC_VER:-none}"
 [ -n "$NCCL_VER" ] && KEY+="-nccl$NCCL_VER"
 KEY+="-$MPI_TAG"
 [ -n "${HOROVOD_BUILD_CUDA_CC_LIST:-}" ] && KEY+="-cc${HOROVOD_BUILD_CUDA_CC_LIST//,/.}"
@@ -302,6 +303,9 @@ else
       || die "horovod patch did not apply (CMAKE_CXX_STANDARD): $SRC"
     sed -i '0,/#include <string>/s//#include <stdexcept>\n#include <string>/' "$SRC/horovod/common/common.h"
     sed -i '0,/#include <vector>/s//#include <string>\n#include <vector>/' "$SRC/horovod/common/group_table.h"
+    # Python 3.12 has no distutils; horovodrun imports this module at start
+    sed -i 's/^from distutils.spawn import find_executable$/from shutil import which as find_executable/' \
+      "$SRC/horovod/runner/js_run.py"
     export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITH_GLOO=1
     if [ "$WITH_MPI" = 1 ]; then export HOROVOD_WITH_MPI=1; else export HOROVOD_WITHOUT_MPI=1; fi
     export MAKEFLAGS="-j$(nproc)"

@@ -105,7 +105,7 @@ def test_coco_loading_and_filtering(tmp_path):
     assert sorted(target["labels"].tolist()) == sorted(ds.cat_to_label[a["category_id"]] for a in usable)
     x, y, w, h = usable[0]["bbox"]
     assert target["boxes"][0].tolist() == [x, y, x + w, y + h]
-    assert img.shape == (3, 64, 64) and img.dtype == torch.float32
+    assert img.shape == (3, 64, 64) and img.dtype == torch.uint8  # float on the device (transforms.image_to_device)
     val = CocoDetection(root / "train", ann, train=False)
     assert val.ids == [1, 2, 3, 4]
 

@@ -29,7 +29,8 @@ def val_set(tmp_path_factory):
 
 
 def noisy_detections(gt: dict, seed: int = 0) -> list[dict]:
-    """GT boxes jittered, some missed, some with the wrong class, plus false positives; random scores."""
+    """GT boxes jittered, some missed, some with the wrong class, plus false positives; random
+    scores. More than 10 detections per image and category: the cap that counts is COCO's 100."""
     rng = random.Random(seed)
     cats = [c["id"] for c in gt["categories"] if c["id"] != STAR["id"]]
     dets = []
@@ -42,10 +43,11 @@ def noisy_detections(gt: dict, seed: int = 0) -> list[dict]:
         cat = a["category_id"] if rng.random() > 0.1 else rng.choice(cats)
         dets.append({"image_id": a["image_id"], "category_id": cat, "bbox": box, "score": rng.random()})
     for im in gt["images"]:
-        for _ in range(rng.randint(0, 2)):
-            w, h = rng.uniform(8, 40), rng.uniform(8, 40)
-            dets.append({"image_id": im["id"], "category_id": rng.choice(cats), "score": 0.6 * rng.random(),
-                         "bbox": [rng.uniform(0, 96 - w), rng.uniform(0, 96 - h), w, h]})
+        for cat in cats:
+            for _ in range(rng.randint(10, 16)):
+                w, h = rng.uniform(8, 40), rng.uniform(8, 40)
+                dets.append({"image_id": im["id"], "category_id": cat, "score": 0.6 * rng.random(),
+                             "bbox": [rng.uniform(0, 96 - w), rng.uniform(0, 96 - h), w, h]})
     return dets
 
 

@@ -18,7 +18,8 @@ PREDICT = str(REPO / "scripts/predict.py")
 def short_run(tmp):
     """shapes_tiny, 8 iterations of 2 ranks x 2 images of 96 px: 32 images seen."""
     return [f"data.root={tmp}/shapes", "data.shapes_train=32", "data.shapes_val=12",
-            "data.shapes_image_size=96", "data.min_size=96", "data.max_size=96", "solver.images_per_rank=2", "solver.reference_batch=4",
+            "data.shapes_image_size=96", "data.min_size=96", "data.max_size=96", "solver.images_per_rank=2",
+            "solver.reference_batch=4",
             "solver.max_iter=8", "solver.steps=[6]", "solver.warmup_iters=2", "train.log_period=4",
             "train.checkpoint_period=1000", "train.num_visualizations=0"]
 

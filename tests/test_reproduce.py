@@ -1,15 +1,21 @@
-"""scripts/reproduce_megdet.py --quick end to end: two real tiny training cells (one made to
-diverge), the JSON, the PNG, divergence detection and resuming a finished grid."""
+"""scripts/reproduce_megdet.py --quick end to end (a tiny pretraining generated on first use, two real
+tiny training cells from it, one made to diverge, the JSON with backbone and AP curves, the PNG,
+resuming), scripts/pretrain_backbone.py's determinism and its weights loaded by the detector through
+model.backbone_weights, and the full grid's design (axes, seeds, schedule, cost) without running it."""
 import importlib.util
 import json
 import sys
 import time
 
-from tests.harness import REPO, launcher_env, run
+import pytest
+import torch
+
+from tests.harness import REPO, horovodrun_cmd, launcher_env, run
 
 spec = importlib.util.spec_from_file_location("reproduce_megdet", REPO / "scripts/reproduce_megdet.py")
 reproduce = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(reproduce)
+pretrain = reproduce.pretrain
 
 
 def test_divergence_detection():
@@ -20,26 +26,119 @@ def test_divergence_detection():
     assert reproduce.diverged(ok + [{"loss": float("nan")}], crashed_nonfinite=False)
 
 
-def test_quick_grid(tmp_path):
-    cmd = [sys.executable, str(REPO / "scripts/reproduce_megdet.py"), "--quick", "--output-dir", str(tmp_path)]
-    res = run(cmd, timeout=400, env=launcher_env())
+def test_pretraining_data():
+    """The generated classification images: deterministic for a generator seed, normalised as the
+    detector's inputs, every class drawn, different seeds give different images."""
+    x, y = pretrain.make_batch(torch.Generator().manual_seed(3), 400, 32)
+    x2, y2 = pretrain.make_batch(torch.Generator().manual_seed(3), 400, 32)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and x.shape == (400, 3, 32, 32)
+    assert not torch.equal(x, pretrain.make_batch(torch.Generator().manual_seed(4), 400, 32)[0])
+    assert set(y.tolist()) == set(range(len(pretrain.CLASSES))) and torch.bincount(y).min() > 20
+    pixels = x * torch.tensor(pretrain.IMAGE_STD).view(1, 3, 1, 1) + torch.tensor(pretrain.IMAGE_MEAN).view(1, 3, 1, 1)
+    assert pixels.min() > -1e-5 and pixels.max() < 1 + 1e-5 and pixels.std() > 0.1
+
+
+def test_grid_design():
+    """The issue's axes, seeds and schedule; the cost model keeps the grid near 2 hours."""
+    cells, recipe = reproduce.grid(), {**reproduce.DEFAULTS}
+    by = {c["name"]: c for c in cells}
+    assert len(by) == len(cells)
+    batches = lambda group, **kw: sorted(c["mini_batch"] for c in cells if c["group"] == group and c["seed"] == 42
+                                         and all(c[k] == v for k, v in kw.items()))
+    assert batches("cgbn") == [4, 8, 16, 32]                                  # (a) an 8x range
+    assert batches("frozen", lr_scale=1.0) == [4, 8, 16, 32] and batches("frozen", lr_scale=0.5) == [16, 32]  # (b)
+    assert by["cgbn_b32_nowarmup"]["warmup"] is False                          # (c)
+    sizes = sorted(c["bn_size"] for c in cells if c["group"] == "bnsize" and c["seed"] == 42) + [32]  # + cgbn_b32
+    assert sizes[0] <= 2 and sizes[-1] >= 16 and len(sizes) >= 4                # (d)
+    assert all(c["mini_batch"] == 32 for c in cells if c["group"] == "bnsize")
+    assert by["bnsize_b32_bn2"]["images_per_rank"] == 2 and by["bnsize_b32_bn2"]["bn_group_ranks"] == 1
+    for name in ("cgbn_b8", "cgbn_b32", "bnsize_b32_bn2"):                     # (e) 3 seeds (b32 = BN size 32)
+        assert {c["seed"] for c in cells if c["name"].split("_seed")[0] == name} == set(reproduce.SEEDS)
+    assert recipe["images"] // 32 >= 300                                        # >= 300 updates at the largest
+    for c in cells:  # the same schedule in images for every cell: only the batch, norm, lr scale differ
+        ov = dict(o.split("=", 1) for o in reproduce.overrides(c, recipe, "/w.pth"))
+        assert ov["solver.max_iter"] == str(recipe["images"] // 8) and ov["solver.steps"] == "[800,1067]"
+        assert ov["solver.warmup_iters"] == ("120" if c["warmup"] else "0")
+        assert float(ov["solver.base_lr"]) == pytest.approx(0.01 * c["lr_scale"])
+        assert ov["model.backbone_weights"] == "/w.pth" and ov["model.norm"] == c["norm"]
+    total = sum(reproduce.estimate_s(c, recipe) for c in cells)
+    assert 1.5 * 3600 < total < 2.4 * 3600, total
+
+
+@pytest.fixture(scope="module")
+def quick_grid(tmp_path_factory):
+    """One --quick run with an empty cache: the backbone is pretrained first, under horovodrun."""
+    out, cache = tmp_path_factory.mktemp("quick"), tmp_path_factory.mktemp("cache")
+    env = launcher_env(extra={"HVD_MEGDET_CACHE": str(cache)})
+    cmd = [sys.executable, str(REPO / "scripts/reproduce_megdet.py"), "--quick", "--output-dir", str(out)]
+    res = run(cmd, timeout=600, env=env)
     assert res.returncode == 0, res.stdout
-    summary = json.loads((tmp_path / "megdet_miniature.json").read_text())
+    assert "pretraining the backbone" in res.stdout
+    return out, cache, cmd, env
+
+
+def test_quick_grid(quick_grid):
+    out, cache, cmd, env = quick_grid
+    summary = json.loads((out / "megdet_miniature.json").read_text())
+    backbone = summary["backbone"]
+    assert backbone["path"] == str(cache / pretrain.QUICK.key(2) / pretrain.WEIGHTS_FILE)
+    assert 0 <= backbone["heldout_accuracy"] <= 1 and backbone["world_size"] == 2
     trained, blown = summary["cells"]
     for c in (trained, blown):
-        assert {"name", "ranks", "images_per_rank", "mini_batch", "bn_size", "lr", "warmup", "iterations", "AP",
-                "AP50", "diverged", "wall_s", "norm"} <= set(c)
-        assert c["images"] == summary["images_per_cell"] == 160
+        assert {"name", "ranks", "images_per_rank", "mini_batch", "bn_size", "lr", "warmup_images", "iterations",
+                "AP", "AP50", "diverged", "wall_s", "norm", "ap_curve", "eval_period_images"} <= set(c)
+        assert c["images"] == summary["recipe"]["images"] == 160
+        assert c["backbone_weights"] == backbone["path"] and f"model.backbone_weights={backbone['path']}" in c["overrides"]
+        assert c["backbone_heldout_accuracy"] == backbone["heldout_accuracy"]
     assert trained["diverged"] is False and trained["iterations"] == 160 // 4 and trained["exit"] == 0
-    assert trained["bn_size"] == 4 and trained["lr"] == reproduce.BASE_LR * 4 / 8
-    curve = trained["loss_curve"]
-    assert curve[-1][0] == 160 and curve[-1][1] < curve[0][1]          # it trained: the loss fell
-    assert blown["diverged"] is True and blown["exit"] != 0 and blown["AP"] == 0.0
-    png = (tmp_path / "megdet_miniature.png").read_bytes()
+    assert trained["bn_size"] == 4 and trained["lr"] == pytest.approx(reproduce.DEFAULTS["base_lr"] * 4 / 8)
+    # periodic evaluation: at 80 images and at the end, the last one being the cell's AP
+    assert [p[0] for p in trained["ap_curve"]] == [80, 160]
+    assert trained["ap_curve"][-1][1] == pytest.approx(trained["AP"], abs=1e-4)
+    records = [json.loads(line) for line in (out / trained["name"] / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["images"] == 160 and records[-1]["loss_objectness"] < records[0]["loss_objectness"]  # it learned
+    log = (out / trained["name"] / "logs" / "rank-00000.log").read_text(errors="replace")
+    assert "model: Faster R-CNN" in log and "SyncBatchNorm" in log
+    assert blown["diverged"] is True and blown["exit"] != 0 and blown["AP"] == 0.0 and blown["norm"] == "frozen"
+    png = (out / "megdet_miniature.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    # resumable: finished cells are skipped
+    # resumable: finished cells and the cached backbone are reused
     t0 = time.time()
-    res = run(cmd, timeout=120, env=launcher_env())
-    assert res.returncode == 0 and time.time() - t0 < 30, res.stdout
-    again = json.loads((tmp_path / "megdet_miniature.json").read_text())["cells"]
+    res = run(cmd, timeout=120, env=env)
+    assert res.returncode == 0 and time.time() - t0 < 40, res.stdout
+    assert "reusing" in res.stdout and res.stdout.count("skipped") == 2, res.stdout
+    again = json.loads((out / "megdet_miniature.json").read_text())["cells"]
     assert [c["AP"] for c in again] == [trained["AP"], blown["AP"]]
+
+
+def test_pretraining_deterministic_and_loads(quick_grid, tmp_path):
+    """A second quick pretraining into a fresh cache gives the same bytes; the file loads into the
+    detector through model.backbone_weights (frozen BN takes its running statistics)."""
+    from hvd_megdet import config
+    from hvd_megdet.model import WeightsError, build_model
+
+    _, cache, _, _ = quick_grid
+    first = cache / pretrain.QUICK.key(2) / pretrain.WEIGHTS_FILE
+    res = run(horovodrun_cmd(2, "mpi", [sys.executable, str(REPO / "scripts/pretrain_backbone.py"), "--quick"]),
+              timeout=300, env=launcher_env(extra={"HVD_MEGDET_CACHE": str(tmp_path)}))
+    assert res.returncode == 0, res.stdout
+    second = tmp_path / pretrain.QUICK.key(2) / pretrain.WEIGHTS_FILE
+    # the same tensors, bit for bit (torch.save's files differ by a random serialization id)
+    state = torch.load(second, weights_only=True)
+    assert pretrain.state_digest(state) == pretrain.state_digest(torch.load(first, weights_only=True))
+    info = json.loads((second.parent / pretrain.INFO_FILE).read_text())
+    assert info["digest"] == pretrain.state_digest(state) == json.loads((first.parent / pretrain.INFO_FILE).read_text())["digest"]
+    assert info["heldout_accuracy"] == json.loads((first.parent / pretrain.INFO_FILE).read_text())["heldout_accuracy"]
+    assert any(k.startswith("fc.") for k in state) and "bn1.running_var" in state
+    assert not torch.allclose(state["bn1.running_var"], torch.ones_like(state["bn1.running_var"]))  # statistics kept
+    for norm in ("frozen", "syncbn"):
+        cfg = config.load("shapes_tiny", [f"model.backbone_weights={second}", f"model.norm={norm}"])
+        body = build_model(cfg, num_classes=4).backbone.body
+        assert torch.equal(body.conv1.weight, state["conv1.weight"])
+        assert torch.equal(body.layer4[0].conv2.weight, state["layer4.0.conv2.weight"])
+        assert torch.equal(body.bn1.running_mean, state["bn1.running_mean"])
+        assert torch.equal(body.layer3[0].bn2.weight, state["layer3.0.bn2.weight"])
+    del state["layer2.0.bn1.running_mean"]  # every tensor must be taken: a file that lacks one is refused
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(WeightsError, match="layer2.0.bn1.running_mean"):
+        build_model(config.load("shapes_tiny", [f"model.backbone_weights={tmp_path / 'partial.pth'}"]), num_classes=4)

@@ -1,7 +1,11 @@
 """Datasets and loaders built from the config (COCO files or the generated shapes set)."""
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import os
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -59,6 +63,27 @@ def worker_start_method(workers: int, size: int) -> str | None:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
+def _worker_init(trainer_pid: int, worker_id: int) -> None:
+    """``worker_init_fn``: ignore the stop signals (``signals.ignore_in_worker``) and, in a worker
+    forked from a forkserver, end the worker when the trainer is gone. torch's workers watch their
+    parent, which is then the forkserver; and the forkserver lives as long as its children do (each
+    holds its liveness pipe), so a trainer that died without shutting its loader down (a crash:
+    ``os._exit``, SIGKILL) would leave both behind, holding the dataset's memory, forever."""
+    signals.ignore_in_worker(worker_id)
+    if os.getppid() != trainer_pid:
+        threading.Thread(target=_exit_without, args=(trainer_pid,), name="trainer-watch", daemon=True).start()
+
+
+def _exit_without(pid: int, poll_s: float = 1.0) -> None:
+    """End this process once process ``pid`` is gone (PermissionError: the pid was reused)."""
+    while True:
+        time.sleep(poll_s)
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            os._exit(0)
+
+
 def train_loader(dataset: CocoDetection, cfg: DataConfig, batch_size: int, rank: int, size: int,
                  seed: int, start_images: int) -> torch.utils.data.DataLoader:
     """Endless loader from stream position ``start_images`` (images seen, all ranks together)."""
@@ -72,5 +97,6 @@ def train_loader(dataset: CocoDetection, cfg: DataConfig, batch_size: int, rank:
         dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
         persistent_workers=cfg.workers > 0, pin_memory=torch.cuda.is_available(),
         multiprocessing_context=context,
-        worker_init_fn=signals.ignore_in_worker,  # SIGTERM to every process must not kill the workers
+        # SIGTERM to every process must not kill the workers; nor may a dead trainer leave them behind
+        worker_init_fn=functools.partial(_worker_init, os.getpid()),
         generator=torch.Generator().manual_seed(seed))  # own generator: the global RNG stays untouched

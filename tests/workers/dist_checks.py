@@ -15,7 +15,7 @@ def checks(args):
         return {}
     dist.init()
     groups = [2] if dist.size() == 4 else []
-    dist.init(bn_group_size=groups)  # process sets can be added after init (dynamic)
+    dist.init(bn_group_size=groups)  # BN groups registered after init (Horovod restarted with them)
     r, n = dist.rank(), dist.size()
     try:  # this machine has no GPU: train.device=cuda is refused on every rank, before any collective
         dist.select_device("cuda")
