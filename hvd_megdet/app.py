@@ -62,16 +62,20 @@ def start(cfg: config_mod.Config, output_dir: str | None, write_config: bool = T
     return out, log
 
 
-def run(main, init_horovod: bool = True, timeline=None) -> None:
+def run(main, init_horovod: bool = True, timeline=None, bn_groups=None) -> None:
     """Run ``main() -> exit code`` on this rank and exit with a code that says what happened
     (hvd_megdet/errors.py): 0 done, 75 preempted, 2 user error, 1 crash. On an exception, log it
     with the rank, write this rank's status file for the launcher, and exit at once
     (``os._exit``: no interpreter teardown that could wait on dead peers). ``timeline() -> path``
-    (optional): Horovod's timeline file, asked for before Horovod starts."""
+    (optional): Horovod's timeline file, asked for before Horovod starts. ``bn_groups(world) ->
+    ranks per BN group or None`` (optional): registered right after Horovod starts, while the ranks
+    are still in step (static process sets restart Horovod, dist.init)."""
     signals.stop_flag()  # from the first instant: a preemption signal during start-up is kept
     try:
         if init_horovod:
             dist.init(timeline=timeline() if timeline else "")
+            if bn_groups:
+                dist.init(bn_group_size=bn_groups(dist.size()))
         code = main()
     except BaseException as e:  # noqa: BLE001 - every failure must end the job, never hang it
         if isinstance(e, SystemExit) and not e.code:

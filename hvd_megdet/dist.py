@@ -16,10 +16,12 @@ and MPI cannot start twice.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import random
 import socket
+import sys
 from typing import Any, Iterable
 
 import numpy as np
@@ -60,9 +62,27 @@ _comm: list[Any] = []  # mpi4py's COMM_WORLD when MPI runs the job (kept for res
 
 
 def _dynamic() -> bool:
-    """HVD_MEGDET_PROCESS_SETS=dynamic: Horovod's dynamic process sets, the earlier design, kept
-    for scripts/benchmark_process_sets.py to compare against."""
-    return os.environ.get("HVD_MEGDET_PROCESS_SETS") == "dynamic"
+    """Horovod's dynamic process sets instead of a restart with static ones: asked for with
+    HVD_MEGDET_PROCESS_SETS=dynamic (scripts/benchmark_process_sets.py compares the two), or
+    forced where MPI cannot be started by mpi4py (HOROVOD_MPI_THREADS_DISABLE=1: Horovod must then
+    make every MPI call from its own thread; mpi4py missing)."""
+    if os.environ.get("HVD_MEGDET_PROCESS_SETS") == "dynamic":
+        return True
+    return _mpi_controller() and (os.environ.get("HOROVOD_MPI_THREADS_DISABLE") == "1" or not _has_mpi4py())
+
+
+def _mpi_controller() -> bool:
+    """Whether Horovod will run on MPI (not the Gloo controller horovodrun --gloo asks for)."""
+    gloo = os.environ.get("HOROVOD_CONTROLLER") == "gloo" or bool(os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"))
+    return not gloo and hvd.mpi_built()
+
+
+def _has_mpi4py() -> bool:
+    try:
+        import mpi4py  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 def _start(process_sets: list) -> None:
@@ -70,11 +90,18 @@ def _start(process_sets: list) -> None:
     if _dynamic():
         hvd.init(process_sets="dynamic")
         return
-    gloo = os.environ.get("HOROVOD_CONTROLLER") == "gloo" or bool(os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"))
-    if not _comm and not gloo and hvd.mpi_built():
+    if not _comm and _mpi_controller():
         import mpi4py
-        mpi4py.rc.thread_level = "multiple"  # what Horovod's background thread needs
+        if "mpi4py.MPI" not in sys.modules:  # mpi4py starts MPI (and finalises it at exit)
+            mpi4py.rc.thread_level = "multiple"  # what Horovod's background thread needs
         from mpi4py import MPI
+        if not MPI.Is_initialized():  # imported earlier without starting MPI (mpi_library_version)
+            MPI.Init_thread(MPI.THREAD_MULTIPLE)
+            atexit.register(MPI.Finalize)  # runs after Horovod's own exit handler (registered later)
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            raise DistError(f"MPI gives thread level {MPI.Query_thread()}, Horovod needs MPI_THREAD_MULTIPLE "
+                            f"(rank {MPI.COMM_WORLD.Get_rank()} of the MPI job): use an MPI built with threads, "
+                            f"or HOROVOD_MPI_THREADS_DISABLE=1")
         _comm.append(MPI.COMM_WORLD)
     hvd.init(comm=_comm[0] if _comm else None, process_sets=process_sets or None)
 
@@ -121,9 +148,16 @@ def init(bn_group_size: int | Iterable[int] | None = None, timeline: str = "") -
             blocks = [hvd.add_process_set(list(range(start, start + k))) for start in range(0, world, k)]
             _bn_sets[k] = next(ps for ps in blocks if ps.included())
         return
-    # Restart with every group size's blocks as static sets (rank and size stay Horovod's).
+    # Restart with every group size's blocks as static sets (rank and size stay Horovod's). A
+    # shutdown stops every rank's Horovod: all must agree on the groups first.
+    agreed = allgather_object(groups, name="bn_groups")
+    if any(g != groups for g in agreed):
+        raise DistError(f"ranks ask for different BN groups: {dict(enumerate(agreed))} (rank {hvd.rank()})")
     blocks = {k: [hvd.ProcessSet(list(range(start, start + k))) for start in range(0, world, k)] for k in groups}
     hvd.shutdown()
+    # Gloo's rendezvous for the restart waits this long for a late rank (Horovod's default, 30 s,
+    # aborts the others without a word): generous, since ranks got here together.
+    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", "300")
     _start([ps for k in groups for ps in blocks[k]])
     if hvd.size() != world:
         raise DistError(f"Horovod restarted with {hvd.size()} ranks instead of {world} (rank {hvd.rank()})")
@@ -214,37 +248,73 @@ def cuda_facts() -> dict[str, Any]:
 
 
 def select_device(kind: str = "auto") -> torch.device:
-    """This rank's device for ``train.device`` (auto | cuda | cpu); call before any CUDA work.
+    """This rank's device for ``train.device`` (auto | cuda | cpu); collective, call it on every
+    rank before any CUDA work.
 
-    ``cuda`` without usable CUDA, or CUDA with more ranks on this host than visible GPUs (two ranks
-    on one GPU make NCCL fail later with "Duplicate GPU detected", which looks like a node fault),
-    is a DeviceError on the rank concerned before any collective. ``auto`` takes CUDA when usable."""
+    ``cuda`` without usable CUDA, fewer visible GPUs on a host than ranks there (unless each rank
+    sees exactly one: SLURM's per-task GPU binding), two ranks on one GPU (NCCL would fail later
+    with "Duplicate GPU detected", which looks like a node fault), or ``auto`` finding CUDA on some
+    ranks only: a DeviceError on EVERY rank, naming the ranks and hosts concerned, after one
+    allgather of each rank's (host, GPU, problem)."""
     if kind not in ("auto", "cuda", "cpu"):
         raise DeviceError(f"train.device={kind!r}: must be auto, cuda or cpu")
     use_cuda = kind != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() > 0
-    where = f"rank {rank()} on {socket.gethostname()}"
+    host = socket.gethostname()
+    dev, problem = torch.device("cpu"), None
     if kind == "cuda" and not use_cuda:
         f = cuda_facts()
-        raise DeviceError(
-            f"train.device=cuda but CUDA is not usable on {where}: {f.get('error', 'no GPU visible')}; "
-            f"torch {torch.__version__} is built for CUDA {f['torch_cuda']}, the driver supports CUDA "
-            f"{f['driver_cuda']}, CUDA_VISIBLE_DEVICES={f['CUDA_VISIBLE_DEVICES']} "
-            f"(set train.device=cpu to train on the CPU on purpose)")
-    if use_cuda:
+        problem = (f"CUDA is not usable: {f.get('error', 'no GPU visible')}; torch {torch.__version__} is built "
+                   f"for CUDA {f['torch_cuda']}, the driver supports CUDA {f['driver_cuda']}, "
+                   f"CUDA_VISIBLE_DEVICES={f['CUDA_VISIBLE_DEVICES']} (train.device=cpu trains on the CPU on purpose)")
+    elif use_cuda:
         gpus = torch.cuda.device_count()
-        if local_size() > gpus:
-            raise DeviceError(
-                f"{local_size()} ranks on {socket.gethostname()} but {gpus} visible GPU(s) ({where}, "
-                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one rank "
-                f"per GPU (e.g. srun --ntasks-per-node={gpus}, horovodrun -H host:{gpus})")
-        dev = torch.device("cuda", local_rank())
-        # Before any CUDA work: otherwise every rank's first allocation, NCCL communicator and
-        # default-device RNG land on cuda:0.
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
+        if gpus >= local_size() or gpus == 1:  # one GPU each, or this rank's own (per-task binding)
+            dev = torch.device("cuda", local_rank() if gpus >= local_size() else 0)
+            # Before any CUDA work: otherwise every rank's first allocation, NCCL communicator and
+            # default-device RNG land on cuda:0.
+            torch.cuda.set_device(dev)
+        else:
+            problem = (f"{local_size()} ranks on {host} but {gpus} visible GPUs (CUDA_VISIBLE_DEVICES="
+                       f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one rank per GPU "
+                       f"(e.g. srun --ntasks-per-node={gpus}, horovodrun -H {host}:{gpus})")
+    mine = (host, _gpu_id(dev) if dev.type == "cuda" else None, problem)
+    report = device_problems(allgather_object(mine, name="devices"), kind)
+    if report:
+        raise DeviceError(f"train.device={kind}: {report} (this is rank {rank()})")
     _device[:] = [dev]
     return dev
+
+
+def _gpu_id(dev: torch.device) -> str:
+    """The GPU's UUID (two ranks with the same one share a GPU), else the device name."""
+    try:
+        return str(torch.cuda.get_device_properties(dev).uuid)
+    except Exception:  # noqa: BLE001 - an older torch without uuid
+        return str(dev)
+
+
+def device_problems(per_rank: list[tuple[str, str | None, str | None]], kind: str) -> str | None:
+    """What is wrong with every rank's (host, GPU id or None for the CPU, problem), or None."""
+    bad = [(r, h, why) for r, (h, _, why) in enumerate(per_rank) if why]
+    if bad:
+        r, h, why = bad[0]
+        more = f"; {len(bad) - 1} more rank(s): {[b[0] for b in bad[1:]][:16]}" if len(bad) > 1 else ""
+        return f"rank {r} on {h}: {why}{more}"
+    users: dict[tuple[str, str], list[int]] = {}
+    for r, (h, gpu, _) in enumerate(per_rank):
+        if gpu is not None:
+            users.setdefault((h, gpu), []).append(r)
+    shared = [(h, gpu, rs) for (h, gpu), rs in users.items() if len(rs) > 1]
+    if shared:
+        h, gpu, rs = shared[0]
+        return (f"ranks {rs} on {h} share one GPU ({gpu}): give each rank its own GPU "
+                f"(one task per GPU; CUDA_VISIBLE_DEVICES)")
+    on_cpu = [r for r, (_, gpu, _) in enumerate(per_rank) if gpu is None]
+    if on_cpu and len(on_cpu) < len(per_rank):
+        hosts = sorted({per_rank[r][0] for r in on_cpu})
+        return (f"ranks {on_cpu[:16]} on {hosts} have no usable CUDA while the others use a GPU "
+                f"(train.device={kind}): a node's GPU or driver is broken; set train.device=cuda to fail there")
+    return None
 
 
 def device() -> torch.device:
@@ -301,6 +371,9 @@ def gather_object(obj: Any, root: int = 0, name: str | None = None) -> list[Any]
         return [obj]
     name = name or "gather_object"
     payload = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+    total = int(allreduce(torch.tensor([payload.numel()], dtype=torch.float64), op=Sum, name=name + ".size"))
+    if total >= 2**31:  # Horovod's MPI displacements are C ints: fail on every rank, not just root
+        raise DistError(f"gather_object {name}: {total / 2**30:.1f} GiB in all, over the 2 GiB Horovod can gather")
     splits = torch.zeros(size(), dtype=torch.int32)
     splits[root] = payload.numel()
     received, counts = blocking(name, hvd.alltoall, payload, splits=splits, name=name)
@@ -371,8 +444,8 @@ def mpi_library_version() -> str | None:
     """The MPI library's version string, without initialising MPI (allowed before MPI_Init)."""
     try:
         import mpi4py
-        mpi4py.rc.initialize = False  # Horovod owns MPI initialisation; never let mpi4py do it
-        mpi4py.rc.finalize = False
+        if "mpi4py.MPI" not in sys.modules:  # importing it must not initialise MPI: _start does that
+            mpi4py.rc.initialize = False
         from mpi4py import MPI
         return MPI.Get_library_version().splitlines()[0].strip()
     except Exception:  # mpi4py missing or built against another MPI: not fatal for a log line

@@ -21,7 +21,7 @@ from hvd_megdet.progress import Progress, tensorboard
 from hvd_megdet import plan as plan_mod
 from hvd_megdet.config import Config, to_dict
 from hvd_megdet.data.transforms import to_device
-from hvd_megdet.errors import EXIT_PREEMPTED, write_status
+from hvd_megdet.errors import EXIT_PREEMPTED, UserError, write_status
 from hvd_megdet.watchdog import Watchdog
 from hvd_megdet.model import build_model, describe_norms
 
@@ -34,6 +34,11 @@ PREEMPTED_MARKER = "PREEMPTED"
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class InvalidBNBatch(UserError, ValueError):
+    """A BN group held at most one value per channel: fixed by the config (images per rank, BN
+    size, image size), not by a restart at the same place in the data."""
 
 
 class Trainer:
@@ -295,7 +300,7 @@ class Trainer:
         bad_bn = [i for i in range(n) if h[n + i] > 0]
         if bad_bn:  # error path: reading more is fine now
             mine = sync_bn.count_problem(names, counts.tolist()) if r in bad_bn else None
-            raise ValueError(f"invalid BN batch at iteration {self.iteration} on rank(s) {bad_bn}: "
+            raise InvalidBNBatch(f"invalid BN batch at iteration {self.iteration} on rank(s) {bad_bn}: "
                              f"{mine or 'see their logs'}")
         bad = [i for i in range(n) if h[i] > 0]
         if bad:

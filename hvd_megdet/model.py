@@ -146,9 +146,20 @@ class TinyResNet(nn.Module):
             cin = w
 
 
+def _shape_mismatches(state: dict, own: dict) -> list[str]:
+    """'key (file shape) vs (model shape)' for tensors both hold with different shapes
+    (load_state_dict would raise a bare RuntimeError)."""
+    return [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+            if k in own and v.shape != own[k].shape]
+
+
 def _load_backbone_weights(body: nn.Module, cfg: ModelConfig) -> None:
     p, state = _read_weights(cfg, "backbone_weights")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    shapes = _shape_mismatches(state, body.state_dict())
+    if shapes:
+        raise WeightsError(f"model.backbone_weights {p} does not match the backbone: {len(shapes)} shape "
+                           f"mismatch(es), e.g. {shapes[:3]}")
     missing, unexpected = body.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
@@ -167,8 +178,7 @@ def load_detector_weights(model: FasterRCNN, cfg: ModelConfig) -> str:
     cls = PREDICTOR_KEYS[0]
     classes = (state[cls].shape[0] - 1, own[cls].shape[0] - 1) if reinit else None  # background excluded
     state = {k: v for k, v in state.items() if k not in reinit}
-    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-              if k in own and v.shape != own[k].shape]
+    shapes = _shape_mismatches(state, own)
     if shapes:
         raise WeightsError(f"model.weights {p} does not fit this model: {len(shapes)} shape mismatch(es), "
                            f"e.g. {shapes[:3]}")

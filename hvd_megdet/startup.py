@@ -43,8 +43,9 @@ def load_detector_weights(model, cfg: ModelConfig, log) -> None:
     if dist.is_main():
         try:
             verdict = {"info": _load(model, cfg)}
-        except WeightsError as e:
-            verdict = {"error": str(e)}
+        except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear it, not hang
+            verdict = {"error": str(e) if isinstance(e, WeightsError) else
+                       f"model.weights={cfg.weights}: cannot load: {type(e).__name__}: {e}"}
     verdict = dist.broadcast_object(verdict, name="detector_weights")
     if "error" in verdict:
         raise WeightsError(verdict["error"])

@@ -83,7 +83,7 @@ def setup_figures(args) -> None:
         s = line.strip()
         if s.startswith("cache key"):
             f["cache_key"] = s.split(None, 2)[-1]
-        elif s.startswith("Found NCCL (include:"):
+        elif "Found NCCL (include:" in s:
             f["nccl_found"] = s
         elif s.startswith("setup done in"):
             f["setup_s"] = int(s.split()[3].rstrip("s;"))
@@ -159,7 +159,8 @@ def facts(args) -> dict:
                  capability=f"{p.major}.{p.minor}", multiprocessors=p.multi_processor_count)
     try:
         f["nvidia_smi"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+             "--format=csv,noheader"],
             capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired) as e:
         f["nvidia_smi"] = f"unavailable: {e}"
@@ -276,7 +277,8 @@ def _bn_compare(shapes, dtype, dev, iters, nn, SyncBatchNorm) -> dict:
                 reset_peak(dev)
                 one_pass(kind)
                 sync(dev)
-                out[f"{kind}_peak_extra_gib"] = round((torch.cuda.max_memory_allocated(dev) - base) / 2**30, 3)
+                extra = torch.cuda.max_memory_allocated(dev) - base
+                out[f"{kind}_peak_extra_gib"] = round(extra / 2**30, 3)
     out["syncbn_over_bn"] = round(out["syncbn_ms"] / out["bn_ms"], 3)
     return out
 
@@ -296,7 +298,8 @@ def allreduce(args) -> dict:
     dev = device()
     res = {"device": str(dev), "controller": dist.controller(), "size": dist.size(),
            "cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME")}
-    n = 2048 if dev.type == "cuda" else 256
+    # ~10 ms of queued matrix products on an H100/H200 (8 x 1.1 TFLOP in bf16); a token amount on a CPU
+    n = 8192 if dev.type == "cuda" else 256
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
 
     def work():
@@ -356,8 +359,7 @@ def run_figures(args) -> dict:
     if (out_dir / "eval" / "metrics.json").exists():
         m = json.loads((out_dir / "eval" / "metrics.json").read_text())
         f["eval"] = {k: m[k] for k in ("AP", "AP50", "iteration") if k in m}
-    ckpts = sorted(p.name for p in (out_dir / "checkpoints").glob("*")) if (out_dir / "checkpoints").is_dir() else []
-    f["checkpoints"] = ckpts
+    f["checkpoints"] = sorted(p.name for p in (out_dir / "checkpoints").glob("*.pth"))
     log = out_dir / "logs" / "rank-00000.log"
     if log.exists():
         text = log.read_text(errors="replace")
@@ -385,9 +387,11 @@ def train(args) -> dict:
     t = time.perf_counter()
     code = Trainer(cfg, out, log).train()
     f = {"exit": code, "wall_s": round(time.perf_counter() - t, 1), "device": str(dev),
-         "norm": cfg.model.norm, "amp": cfg.solver.amp, "image_size": cfg.data.min_size,
+         "norm": cfg.model.norm, "amp": cfg.solver.amp and dev.type == "cuda",  # the engine's rule
+         "image_size": cfg.data.min_size,
          "images_per_iter": cfg.solver.images_per_rank, "peak_gib": peak_gib(dev),
-         "peak_reserved_gib": round(torch.cuda.max_memory_reserved(dev) / 2**30, 3) if dev.type == "cuda" else None}
+         "peak_reserved_gib": round(torch.cuda.max_memory_reserved(dev) / 2**30, 3) if dev.type == "cuda"
+         else None}
     f.update(run_figures(argparse.Namespace(output_dir=out)))
     if code != 0:
         raise SystemExit(f"Trainer.train() returned {code}")

@@ -14,13 +14,16 @@
 # Options: --out DIR (default $OUT, else outputs/gpu_check), --only a,b / --skip a,b (steps),
 #          --deadline S (no step starts later than S seconds after the start; default 560, rehearse 540)
 # Environment: GPU_CHECK_PYTHON (the machine's interpreter with torch; default python3),
-#          GPU_CHECK_WORK (work folder; default a new /tmp/gpu_check.*), HOROVOD_BUILD_CUDA_CC_LIST.
+#          GPU_CHECK_WORK (work folder; default a new /tmp/gpu_check.*), GPU_CHECK_CARRY (default
+#          build/gpu_check), GPU_CHECK_LIMIT_SCALE (multiplies every step's time limit; default 1),
+#          HOROVOD_BUILD_CUDA_CC_LIST.
 # Exit: 0 when every step that ran is ok, 1 otherwise (gpu.json says which), 2 bad option.
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-CARRY=$REPO/build/gpu_check          # ignored by git (/build/); what the device run carries
+CARRY=${GPU_CHECK_CARRY:-$REPO/build/gpu_check}  # ignored by git (/build/); what the device run carries
 PYCOCOTOOLS=2.0.11 OMEGACONF=2.4.0   # the versions in .venv; the GPU machine's image lacks both
+WHEEL=0.45.1                         # installed there only if its setuptools needs it to build
 HOROVOD_VERSION=0.28.1
 MODE=device OUT_DIR=${OUT:-} ONLY="" SKIP="" DEADLINE=""
 while [ $# -gt 0 ]; do
@@ -47,9 +50,27 @@ if [ "$MODE" = prepare ]; then
   $PIP download -q --no-deps --no-binary :all: -d "$CARRY" "horovod==$HOROVOD_VERSION"
   $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d "$CARRY" "pycocotools==$PYCOCOTOOLS" "omegaconf==$OMEGACONF"
+    -d "$CARRY" "pycocotools==$PYCOCOTOOLS" "omegaconf==$OMEGACONF" "wheel==$WHEEL"
   ls -la "$CARRY"; du -sh "$CARRY"
   exit 0
+fi
+
+cd "$REPO"
+if [ "$MODE" = rehearse ]; then
+  PY=${PYTHON:-$REPO/.venv/bin/python}
+  DEADLINE=${DEADLINE:-540}
+  # the GPU machine's build has no MPI: run the same (single-process) Gloo controller here
+  export HOROVOD_CONTROLLER=gloo HOROVOD_CPU_OPERATIONS=gloo
+else
+  PY=${GPU_CHECK_PYTHON:-python3}
+  DEADLINE=${DEADLINE:-560}
+  # it installs into that interpreter: never by mistake on a workstation (on the GPU machine the
+  # device tool sets OUT; a GPU that torch cannot use is then a finding, recorded step by step)
+  if [ -z "${OUT:-}" ] && [ -z "${GPU_CHECK_FORCE:-}" ] && \
+      ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    echo "gpu_check.sh: $PY sees no usable CUDA GPU: use --rehearse here (GPU_CHECK_FORCE=1 to install anyway)" >&2
+    exit 2
+  fi
 fi
 
 T0=$(date +%s)
@@ -65,17 +86,6 @@ export HVD_MEGDET_CACHE=$WORK/cache PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHON
 RECPY=python3                        # stdlib only: records even when torch/horovod are broken
 command -v "$RECPY" >/dev/null || RECPY=$REPO/.venv/bin/python
 STEP=$REPO/scripts/benchmark_gpu_step.py
-cd "$REPO"
-
-if [ "$MODE" = rehearse ]; then
-  PY=${PYTHON:-$REPO/.venv/bin/python}
-  DEADLINE=${DEADLINE:-540}
-  # the GPU machine's build has no MPI: run the same (single-process) Gloo controller here
-  export HOROVOD_CONTROLLER=gloo HOROVOD_CPU_OPERATIONS=gloo
-else
-  PY=${GPU_CHECK_PYTHON:-python3}
-  DEADLINE=${DEADLINE:-560}
-fi
 
 STEPS="install facts syncbn allreduce_latency shapes_tiny shapes_tiny_amp shapes_tiny_amp_clip shapes_tiny_resume
 shapes_tiny_eval_only megdet_syncbn_fp32 megdet_syncbn_amp megdet_bn_fp32 megdet_bn_amp torchvision_peer_fp32
@@ -91,7 +101,7 @@ wanted() {
 }
 FAILED=0
 step() {  # step NAME LIMIT_S CMD... : runs CMD with a time limit; the command writes $FIG/NAME.json
-  local name=$1 limit=$2 rc=0
+  local name=$1 limit=$(( $2 * ${GPU_CHECK_LIMIT_SCALE:-1} )) rc=0
   shift 2
   wanted "$name" || return 0
   local left=$(( DEADLINE - ($(date +%s) - T0) ))

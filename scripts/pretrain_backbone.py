@@ -24,8 +24,9 @@ def parse_args():
     p.add_argument("--quick", action="store_true", help="a tiny recipe (seconds), for the tests")
     for f in dataclasses.fields(pretrain.Recipe):
         if f.name != "widths":
+            default, quick = getattr(pretrain.DEFAULT, f.name), getattr(pretrain.QUICK, f.name)
             p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
-                           help=f"default {getattr(pretrain.DEFAULT, f.name)} (--quick: {getattr(pretrain.QUICK, f.name)})")
+                           help=f"default {default} (--quick: {quick})")
     p.add_argument("--widths", type=int, nargs=4, default=None, help="model.tiny_widths (default: shapes_tiny's)")
     p.add_argument("--print-path", metavar="WORLD_SIZE", type=int, default=None,
                    help="print the weights file of this recipe on WORLD_SIZE ranks and exit (no training)")

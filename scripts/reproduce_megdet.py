@@ -32,6 +32,9 @@ A BN statistic over k images is the same function whatever the split of those k 
 (SyncBN equals BatchNorm on the concatenated batch, tests/test_sync_bn.py): only BN size 2 needs 2
 images per rank; the others keep 4 per rank, which costs 2-4x less per image here.
 
+Cost (--list; model below, from DESIGN.md's and the committed grid's throughputs): 21 cells, about
+2.2 h on this 2-core machine, plus the backbone's pretraining (~5 min) on first use; the pilot ~7 min.
+
 A cell diverged if it stopped on a non-finite loss or its loss rose above 3x its first logged value.
 Finished cells are skipped (resumable) unless their recipe changed; --cells re-runs the named
 ones; each cell has a time limit. Writes OUTPUT_DIR/<cell>/cell.json and
@@ -286,13 +289,17 @@ def points(cells: list[dict], group: str, x: str, **match) -> list[tuple]:
 
 
 def aggregates(cells: list[dict]) -> list[dict]:
-    """Mean, min, max and seeds of every cell that has more than one seed."""
+    """AP of each seed, mean and spread (max - min) of every cell run with more than one seed."""
     by = {}
     for c in cells:
         by.setdefault(c["name"].split("_seed")[0], []).append(c)
-    return [{"cell": k, "seeds": [c["seed"] for c in v], "AP": [c["AP"] for c in v],
-             "AP_mean": sum(c["AP"] for c in v) / len(v), "AP_spread": max(c["AP"] for c in v) - min(c["AP"] for c in v)}
-            for k, v in by.items() if len(v) > 1]
+    out = []
+    for k, v in by.items():
+        aps = [c["AP"] for c in v]
+        if len(v) > 1:
+            out.append({"cell": k, "seeds": [c["seed"] for c in v], "AP": aps, "AP_mean": sum(aps) / len(aps),
+                        "AP_spread": max(aps) - min(aps)})
+    return out
 
 
 def plot(cells: list[dict], path: Path) -> None:
@@ -348,7 +355,8 @@ def plot(cells: list[dict], path: Path) -> None:
 
 
 def table(cells: list[dict]) -> str:
-    lines = [f"{'cell':26} {'batch':>5} {'BN':>3} {'lr':>7} {'AP':>6} {'AP50':>6} {'div':>5} {'iters':>6} {'s':>6} {'est':>6}"]
+    head = ("cell", "batch", "BN", "lr", "AP", "AP50", "div", "iters", "s", "est")
+    lines = [f"{head[0]:26} " + " ".join(f"{h:>{w}}" for h, w in zip(head[1:], (5, 3, 7, 6, 6, 5, 6, 6, 6)))]
     for c in cells:
         lines.append(f"{c['name']:26} {c['mini_batch']:5d} {c['bn_size']:3d} {c['lr']:7.4f} {c['AP']:6.3f} "
                      f"{c['AP50']:6.3f} {str(c['diverged']):>5} {c['iterations']:6d} {c['wall_s']:6.0f} "

@@ -178,7 +178,6 @@ if [ ${#MISSING[@]} -gt 0 ]; then
     if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"
     else user_error "not root and no password-less sudo (or --no-system-packages to use only what PATH has); $hint"; fi
   fi
-  # shellcheck disable=SC2086
   say "installing system packages: $apt_list"
   $SUDO apt-get update -qq
   # shellcheck disable=SC2086
@@ -187,7 +186,12 @@ if [ ${#MISSING[@]} -gt 0 ]; then
 fi
 
 # --- Virtual environment ------------------------------------------------
-venv_torch() { "$VPY" -c "import torch, torchvision; print(torch.__version__, torch.version.cuda or 'none', torchvision.__version__)" 2>/dev/null; }
+venv_torch() {  # one import of torch: its version, CUDA version, torchvision's, NCCL's
+  "$VPY" -c "import torch, torchvision
+try: nccl = '.'.join(map(str, torch.cuda.nccl.version()))
+except Exception: nccl = '?'
+print(torch.__version__, torch.version.cuda or 'none', torchvision.__version__, nccl)" 2>/dev/null
+}
 VPY="$VENV/bin/python"
 if [ "$CHECK_ONLY" = 1 ] && [ ! -x "$VPY" ]; then
   echo "  (no venv at $VENV yet: torch's CUDA version and NCCL are checked after torch is installed)"
@@ -213,7 +217,7 @@ if [ "$CHECK_ONLY" = 0 ]; then
   say "installing Python dependencies"
   if [ -n "$OFFLINE" ]; then
     # what the machine lacks travels as wheels (--no-deps: its own packages stay as they are)
-    wheels=$(ls "$OFFLINE"/*.whl 2>/dev/null | grep -v -e '/cmake-' -e '/horovod-' || true)
+    wheels=$(ls "$OFFLINE"/*.whl 2>/dev/null | grep -v -e '/cmake-' -e '/horovod-' -e '/wheel-' || true)
     [ -z "$wheels" ] || pip_install --no-deps $wheels
     "$VPY" -c "import pycocotools, omegaconf, yaml, tensorboard" \
       || user_error "HVD_MEGDET_OFFLINE: a requirement above is not importable by $VPY: put its wheel in $OFFLINE"
@@ -222,7 +226,7 @@ if [ "$CHECK_ONLY" = 0 ]; then
   fi
   [ "$CMAKE_FROM_PIP" = 1 ] && pip_install "cmake>=3.18,<4"
 fi
-read -r TORCH_FULL TORCH_CUDA TV_FULL < <(venv_torch || echo "none none none")
+read -r TORCH_FULL TORCH_CUDA TV_FULL TORCH_NCCL < <(venv_torch || echo "none none none none")
 [ "$TORCH_FULL" = none ] && { echo "  (torch not installed in $VENV yet: CUDA/NCCL checks follow its install)"; echo "prerequisites ok"; exit 0; }
 found torch "$TORCH_FULL (CUDA $TORCH_CUDA), torchvision $TV_FULL"
 
@@ -247,7 +251,6 @@ if [ "$FLAVOUR" = nccl ]; then
   NCCL_SO=$(ls "$NCCL_SRC"/lib/libnccl.so "$NCCL_SRC"/lib/libnccl.so.2 "$NCCL_SRC"/lib64/libnccl.so 2>/dev/null | head -n1 || true)
   [ -f "$NCCL_H" ] && [ -n "$NCCL_SO" ] || user_error "NCCL at $NCCL_SRC: expected include/nccl.h and lib/libnccl.so[.2]"
   NCCL_VER=$(awk '/^#define NCCL_(MAJOR|MINOR|PATCH) /{v = v (v ? "." : "") $3} END {print v}' "$NCCL_H")
-  TORCH_NCCL=$("$VPY" -c 'import torch; print(".".join(map(str, torch.cuda.nccl.version())))' 2>/dev/null || echo "?")
   found NCCL "$NCCL_SRC ($NCCL_VER; torch's: $TORCH_NCCL)"
   [ "$NCCL_VER" = "$TORCH_NCCL" ] || echo "  WARNING: Horovod is built against NCCL $NCCL_VER, torch loads $TORCH_NCCL: one process loads one libnccl.so.2 (torch's, imported first)"
 fi
@@ -306,6 +309,9 @@ else
     # Python 3.12 has no distutils; horovodrun imports this module at start
     sed -i 's/^from distutils.spawn import find_executable$/from shutil import which as find_executable/' \
       "$SRC/horovod/runner/js_run.py"
+    # --no-build-isolation builds with the venv's own setuptools, which needs `wheel` below 70.1
+    "$VPY" -c "import setuptools.command.bdist_wheel" 2>/dev/null || "$VPY" -c "import wheel" 2>/dev/null \
+      || pip_install wheel || user_error "no 'wheel' package for $VPY${OFFLINE:+ (put its wheel in $OFFLINE)}"
     export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITH_GLOO=1
     if [ "$WITH_MPI" = 1 ]; then export HOROVOD_WITH_MPI=1; else export HOROVOD_WITHOUT_MPI=1; fi
     export MAKEFLAGS="-j$(nproc)"

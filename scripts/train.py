@@ -54,7 +54,19 @@ def timeline(args) -> str:
     return "" if args.eval_only else app.horovod_timeline(cfg, args.output_dir)
 
 
+def bn_groups(args, world: int) -> int | None:
+    """Ranks per training BN group on ``world`` ranks (None: none, or a config that main() will
+    report): registered as Horovod process sets before anything else happens."""
+    if args.eval_only:
+        return None
+    try:
+        cfg = config.load(args.config, args.overrides)
+        return plan.bn_groups(cfg.model, cfg.solver.images_per_rank, world).ranks
+    except config.ConfigError:
+        return None
+
+
 if __name__ == "__main__":
     ARGS = parse_args()
     app.run(lambda: main(ARGS), init_horovod=ARGS.plan is None,  # --plan runs no job
-            timeline=lambda: timeline(ARGS))
+            timeline=lambda: timeline(ARGS), bn_groups=lambda world: bn_groups(ARGS, world))

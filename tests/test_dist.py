@@ -25,9 +25,10 @@ def test_collectives(tmp_path, controller, np_):
         assert res["bcast"] == {"from": np_ - 1, "payload": list(range(np_))}
         assert res["scalars"] == pytest.approx({"loss": sum(ranks) / np_, "one": 1.0})
         assert res["env"]["horovod"] == "0.28.1" and res["env"]["device"] == "cpu"
-        assert re.search(rf"train.device=cuda but CUDA is not usable on rank {r} on .*: Found no NVIDIA driver.*"
-                         r"built for CUDA \d+\.\d+, the driver supports CUDA none .*CUDA_VISIBLE_DEVICES=",
-                         res["cuda"]), res["cuda"]
+        more = f"; {np_ - 1} more rank\\(s\\): \\{list(range(1, np_))}" if np_ > 1 else ""
+        assert re.search(r"train.device=cuda: rank 0 on .*: CUDA is not usable: Found no NVIDIA driver.*"
+                         r"built for CUDA \d+\.\d+, the driver supports CUDA none .*CUDA_VISIBLE_DEVICES="
+                         rf".*{more} \(this is rank {r}\)", res["cuda"]), res["cuda"]
     if np_ == 4:  # process sets {0,1} and {2,3}
         for r, res in enumerate(results):
             block = [0, 1] if r < 2 else [2, 3]
@@ -47,21 +48,39 @@ def test_failing_rank_ends_job(tmp_path, controller):
 def test_more_ranks_than_gpus_is_a_user_error(monkeypatch):
     """(Mocked GPUs: none here.) 4 ranks on a host with 2 visible GPUs fail before any CUDA call
     (NCCL would otherwise fail later with "Duplicate GPU detected", read as a node fault); with
-    enough GPUs, each rank takes cuda:local_rank."""
+    enough GPUs each rank takes cuda:local_rank, with exactly one visible (per-task binding) cuda:0."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(dist, "local_size", lambda: 4)
     monkeypatch.setattr(dist, "local_rank", lambda: 3)
+    monkeypatch.setattr(dist, "_gpu_id", lambda dev: f"GPU-{dev.index}")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     for kind in ("cuda", "auto"):
-        with pytest.raises(dist.DeviceError, match=r"4 ranks on .* but 2 visible GPU\(s\) \(rank 0 on .*"
-                                                   r"CUDA_VISIBLE_DEVICES=0,1\): start one rank per GPU"):
+        with pytest.raises(dist.DeviceError, match=r"train.device=.*: rank 0 on .*: 4 ranks on .* but 2 visible "
+                                                   r"GPUs \(CUDA_VISIBLE_DEVICES=0,1\): start one rank per GPU"):
             dist.select_device(kind)
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(dist, "local_size", lambda: 2)
     monkeypatch.setattr(dist, "local_rank", lambda: 1)
     assert dist.select_device("cuda") == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(dist, "local_size", lambda: 8)
+    assert dist.select_device("cuda") == torch.device("cuda", 0)
     assert dist.select_device("cpu") == torch.device("cpu")
     with pytest.raises(dist.DeviceError, match="must be auto, cuda or cpu"):
         dist.select_device("gpu")
+
+
+def test_device_problems_across_ranks():
+    """The verdict every rank raises after the allgather of (host, GPU, problem)."""
+    ok = [("a", "GPU-0", None), ("a", "GPU-1", None), ("b", "GPU-0", None)]
+    assert dist.device_problems(ok, "cuda") is None
+    assert dist.device_problems([("a", None, None)] * 3, "auto") is None          # all on the CPU: fine
+    shared = [("a", "GPU-0", None), ("a", "GPU-0", None), ("b", "GPU-0", None)]
+    assert "ranks [0, 1] on a share one GPU (GPU-0)" in dist.device_problems(shared, "cuda")
+    mixed = [("a", "GPU-0", None), ("b", None, None), ("b", None, None)]
+    assert "ranks [1, 2] on ['b'] have no usable CUDA while the others use a GPU" in \
+        dist.device_problems(mixed, "auto")
+    failing = [("a", "GPU-0", None), ("b", None, "CUDA is not usable: x"), ("c", None, "CUDA is not usable: y")]
+    assert dist.device_problems(failing, "cuda") == "rank 1 on b: CUDA is not usable: x; 1 more rank(s): [2]"

@@ -88,7 +88,8 @@ def test_quick_grid(quick_grid):
         assert {"name", "ranks", "images_per_rank", "mini_batch", "bn_size", "lr", "warmup_images", "iterations",
                 "AP", "AP50", "diverged", "wall_s", "norm", "ap_curve", "eval_period_images"} <= set(c)
         assert c["images"] == summary["recipe"]["images"] == 160
-        assert c["backbone_weights"] == backbone["path"] and f"model.backbone_weights={backbone['path']}" in c["overrides"]
+        assert c["backbone_weights"] == backbone["path"]
+        assert f"model.backbone_weights={backbone['path']}" in c["overrides"]
         assert c["backbone_heldout_accuracy"] == backbone["heldout_accuracy"]
     assert trained["diverged"] is False and trained["iterations"] == 160 // 4 and trained["exit"] == 0
     assert trained["bn_size"] == 4 and trained["lr"] == pytest.approx(reproduce.DEFAULTS["base_lr"] * 4 / 8)
@@ -126,9 +127,9 @@ def test_pretraining_deterministic_and_loads(quick_grid, tmp_path):
     # the same tensors, bit for bit (torch.save's files differ by a random serialization id)
     state = torch.load(second, weights_only=True)
     assert pretrain.state_digest(state) == pretrain.state_digest(torch.load(first, weights_only=True))
-    info = json.loads((second.parent / pretrain.INFO_FILE).read_text())
-    assert info["digest"] == pretrain.state_digest(state) == json.loads((first.parent / pretrain.INFO_FILE).read_text())["digest"]
-    assert info["heldout_accuracy"] == json.loads((first.parent / pretrain.INFO_FILE).read_text())["heldout_accuracy"]
+    info, info1 = (json.loads((w.parent / pretrain.INFO_FILE).read_text()) for w in (second, first))
+    assert info["digest"] == pretrain.state_digest(state) == info1["digest"]
+    assert info["heldout_accuracy"] == info1["heldout_accuracy"]
     assert any(k.startswith("fc.") for k in state) and "bn1.running_var" in state
     assert not torch.allclose(state["bn1.running_var"], torch.ones_like(state["bn1.running_var"]))  # statistics kept
     for norm in ("frozen", "syncbn"):

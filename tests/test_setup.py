@@ -68,12 +68,13 @@ def test_old_compiler_is_missing_old_cmake_comes_from_pypi(tmp_path):
                             '[ "$a" = -dumpfullversion ] && { echo 8.5.0; exit 0; }; done; exec g++ "$@"')
     fake_tool(fakes, "cmake", 'echo "cmake version 3.10.2"')
     res = setup(["--no-system-packages", "--check-only"],
-                {"PATH": f"{fakes}{os.pathsep}{os.environ['PATH']}", "HVD_MEGDET_VENV": str(tmp_path / "venv"),
-                 "PYTHON": sys.executable, "CXX": str(fakes / "g++")})
+                {"PATH": f"{fakes}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable,
+                 "HVD_MEGDET_VENV": str(tmp_path / "venv"), "CXX": str(fakes / "g++")})
     assert res.returncode == 2, res.stdout + res.stderr
     assert "cannot compile -std=c++20" in res.stdout and "(8.5.0)" in res.stdout, res.stdout
     assert "module load gcc/12" in res.stderr, res.stderr
-    assert "cmake from PyPI goes into the venv" in res.stdout and "cmake" not in res.stderr.split("missing:")[1].split(".")[0]
+    assert "cmake from PyPI goes into the venv" in res.stdout  # not missing: pip brings one
+    assert "missing: C++20 compiler." in res.stderr, res.stderr
 
 
 @pytest.mark.skipif(not (Path(sys.prefix) / "bin" / "python").exists(), reason="tests run outside a venv")
@@ -86,13 +87,14 @@ def test_cuda_major_must_match_torch_and_the_cache_key_names_the_build(tmp_path)
     fake_tool(cuda / "bin", "nvcc", 'echo "Cuda compilation tools, release 12.4, V12.4.131"')
     res = setup(["--check-only"], {**env, "CUDA_HOME": str(cuda)})
     assert res.returncode == 2, res.stdout + res.stderr
-    assert f"{cuda}/bin/nvcc is CUDA 12.4" in res.stderr and f"built for CUDA {torch.version.cuda}" in res.stderr, \
-        res.stderr
+    assert f"{cuda}/bin/nvcc is CUDA 12.4" in res.stderr, res.stderr
+    assert f"built for CUDA {torch.version.cuda}" in res.stderr, res.stderr
     if not Path("/usr/local/cuda/bin/nvcc").exists():
         return
     res = setup(["--check-only"], env)  # this machine's own toolkit and NCCL
     assert res.returncode == 0, res.stdout + res.stderr
     key = next(line for line in res.stdout.splitlines() if "cache key" in line).split()[-1]
     nccl = ".".join(map(str, torch.cuda.nccl.version()))
-    assert key.startswith(f"horovod-0.28.1p2-nccl-py{sys.version_info[0]}.{sys.version_info[1]}-torch{torch.__version__}-")
+    py = "%d.%d" % sys.version_info[:2]
+    assert key.startswith(f"horovod-0.28.1p2-nccl-py{py}-torch{torch.__version__}-cuda"), key
     assert f"-nccl{nccl}-" in key and ("-openmpi" in key or "-mpi" in key), key

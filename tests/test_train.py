@@ -239,7 +239,7 @@ CASES = {
                                                r"\(image id \d+\): image file is truncated"),
     "foreign_checkpoint": (_foreign_checkpoint, "CheckpointError: checkpoint .*model_img0000000004.pth does not fit"),
     "unknown_key": (lambda root: ["solver.learning_rate=0.1"], "solver.learning_rate"),
-    "cuda_unusable": (lambda root: ["train.device=cuda"], "train.device=cuda but CUDA is not usable on rank"),
+    "cuda_unusable": (lambda root: ["train.device=cuda"], "train.device=cuda: rank 0 on .*CUDA is not usable"),
     "bad_value": (lambda root: ["solver.images_per_rank=0"], "solver.images_per_rank"),
     "bn_group": (lambda root: ["model.bn_group_size=3"], "BN group size 3 does not divide the world size 2"),
     "bn_size": (lambda root: ["model.bn_size=3"], "model.bn_size.*multiple of solver.images_per_rank = 2"),

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import multiprocessing.forkserver
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -56,11 +58,26 @@ def worker_start_method(workers: int, size: int) -> str | None:
     workers) and each worker re-imports the main module as ``__mp_main__`` (so entry points need their
     ``if __name__ == "__main__"`` guard; scripts/train.py's top-level stop flag then covers the worker
     until ``signals.ignore_in_worker`` runs). The forkserver preloads this package (torch, PIL,
-    pycocotools), so a worker forks with them imported instead of importing them again.
+    pycocotools), so a worker forks with them imported instead of importing them again; see
+    ``_start_forkserver`` and ``_worker_init`` for the stop signals and a trainer that crashed.
     One process (size 1) has no peers: plain fork, as before."""
     if workers == 0 or size == 1:
         return None
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def _start_forkserver() -> None:
+    """Start this process's forkserver (preloading this package) with the stop signals blocked: the
+    forkserver and every worker it forks inherit the mask, so a signal sent to every process of the
+    job cannot kill a worker that is still starting, before ``worker_init_fn`` ignores it (a plain
+    fork inherited the trainer's handlers; a forkserver's child inherits the forkserver's). Blocked,
+    not ignored, here: a signal that comes meanwhile reaches the trainer's stop flag when unblocked."""
+    multiprocessing.forkserver.set_forkserver_preload([__name__])
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals.STOP_SIGNALS)
+    try:
+        multiprocessing.forkserver.ensure_running()  # once per process; a no-op afterwards
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _worker_init(trainer_pid: int, worker_id: int) -> None:
@@ -68,20 +85,30 @@ def _worker_init(trainer_pid: int, worker_id: int) -> None:
     forked from a forkserver, end the worker when the trainer is gone. torch's workers watch their
     parent, which is then the forkserver; and the forkserver lives as long as its children do (each
     holds its liveness pipe), so a trainer that died without shutting its loader down (a crash:
-    ``os._exit``, SIGKILL) would leave both behind, holding the dataset's memory, forever."""
+    ``os._exit``, SIGKILL) would leave both behind, holding the dataset's memory, for ever."""
     signals.ignore_in_worker(worker_id)
-    if os.getppid() != trainer_pid:
-        threading.Thread(target=_exit_without, args=(trainer_pid,), name="trainer-watch", daemon=True).start()
+    started = _process_start(trainer_pid)
+    if os.getppid() != trainer_pid and started:
+        threading.Thread(target=_exit_without, args=(trainer_pid, started), name="trainer-watch",
+                         daemon=True).start()
 
 
-def _exit_without(pid: int, poll_s: float = 1.0) -> None:
-    """End this process once process ``pid`` is gone (PermissionError: the pid was reused)."""
-    while True:
+def _process_start(pid: int) -> str | None:
+    """Process ``pid``'s start time (Linux /proc), or None when it is gone: ended (also a zombie
+    whose parent has not reaped it yet) or no /proc to tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)": state is field 3, starttime 22
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _exit_without(pid: int, started: str, poll_s: float = 1.0) -> None:
+    """End this process once process ``pid`` (started at ``started``: a reused pid is not it) is gone."""
+    while _process_start(pid) == started:
         time.sleep(poll_s)
-        try:
-            os.kill(pid, 0)
-        except (ProcessLookupError, PermissionError):
-            os._exit(0)
+    os._exit(0)
 
 
 def train_loader(dataset: CocoDetection, cfg: DataConfig, batch_size: int, rank: int, size: int,
@@ -92,7 +119,7 @@ def train_loader(dataset: CocoDetection, cfg: DataConfig, batch_size: int, rank:
     method = worker_start_method(cfg.workers, size)
     context = multiprocessing.get_context(method) if method else None
     if method == "forkserver":
-        context.set_forkserver_preload([__name__])  # effective when the forkserver starts (once per process)
+        _start_forkserver()
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
         persistent_workers=cfg.workers > 0, pin_memory=torch.cuda.is_available(),
