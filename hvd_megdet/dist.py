@@ -5,14 +5,12 @@ single process (size 1), initialised or not, so library code and unit tests can
 call them without a launcher.
 
 BN groups (MegDet's "BN size"): contiguous blocks of ``k`` ranks, registered as
-Horovod process sets at ``init(bn_group_size=k)``. They are *static* process sets:
-Horovod's dynamic ones (``process_sets="dynamic"``) make its background loop coordinate
-process sets on every cycle, which made every collective 2-3x slower here (SyncBN-like
-traffic, 2 and 4 ranks: README "Benchmarks"). Static sets must be given to ``hvd.init``,
-before Horovod tells the world size, so ``init`` starts Horovod without them, reads the
-size, and restarts it with the groups. Under MPI, mpi4py initialises MPI first and Horovod
-is given its communicator: a Horovod that started MPI itself finalises it at shutdown,
-and MPI cannot start twice.
+Horovod process sets at ``init(bn_group_size=k)``: static sets under the Gloo controller
+(given to ``hvd.init``, which needs the world size first: Horovod starts without them, tells
+the size, and restarts with the groups), Horovod's dynamic sets under MPI (whichever was
+faster here, see ``_dynamic``). A static restart under MPI has mpi4py start MPI and hands
+Horovod its communicator: a Horovod that started MPI itself finalises it at shutdown, and
+MPI cannot start twice.
 """
 from __future__ import annotations
 
@@ -62,13 +60,19 @@ _comm: list[Any] = []  # mpi4py's COMM_WORLD when MPI runs the job (kept for res
 
 
 def _dynamic() -> bool:
-    """Horovod's dynamic process sets instead of a restart with static ones: asked for with
-    HVD_MEGDET_PROCESS_SETS=dynamic (scripts/benchmark_process_sets.py compares the two), or
-    forced where MPI cannot be started by mpi4py (HOROVOD_MPI_THREADS_DISABLE=1: Horovod must then
-    make every MPI call from its own thread; mpi4py missing)."""
-    if os.environ.get("HVD_MEGDET_PROCESS_SETS") == "dynamic":
-        return True
-    return _mpi_controller() and (os.environ.get("HOROVOD_MPI_THREADS_DISABLE") == "1" or not _has_mpi4py())
+    """Whether BN groups use Horovod's dynamic process sets rather than a restart with static ones.
+
+    Measured on 2-4 CPU ranks (scripts/benchmark_process_sets.py, README "Benchmarks"): under Gloo
+    static sets are faster (dynamic ones make Horovod's background loop coordinate process sets on
+    every cycle: 4-5x slower SyncBN-like traffic at 4 ranks); under MPI the static path, which needs
+    MPI started by mpi4py so that Horovod's shutdown does not finalise it, was 1.3-1.8x SLOWER than
+    Horovod starting MPI itself with dynamic sets. So: static under Gloo, dynamic under MPI (also
+    where mpi4py cannot start MPI: HOROVOD_MPI_THREADS_DISABLE=1, no mpi4py).
+    HVD_MEGDET_PROCESS_SETS=static|dynamic overrides (the benchmark compares the two)."""
+    forced = os.environ.get("HVD_MEGDET_PROCESS_SETS")
+    if forced in ("static", "dynamic"):
+        return forced == "dynamic" or (_mpi_controller() and not _has_mpi4py())
+    return _mpi_controller()
 
 
 def _mpi_controller() -> bool:

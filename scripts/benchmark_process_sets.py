@@ -7,7 +7,7 @@ For np = 2 and 4 (BN groups of 2 ranks: the whole world at 2, two groups at 4), 
 two modes ``--reps`` times: (a) one forward+backward over SyncBatchNorm layers of ResNet-50's 53 BN
 shapes (64 px, 2 images per rank; ms, max over ranks of the median), (b) ``train.py`` on
 shapes_tiny (2 images per rank, images/s over the run). ``HVD_MEGDET_PROCESS_SETS=dynamic`` selects
-the dynamic sets (``hvd.init(process_sets="dynamic")``), the default is static.
+the dynamic sets (``hvd.init(process_sets="dynamic")``), ``static`` the static ones (restart).
 """
 from __future__ import annotations
 

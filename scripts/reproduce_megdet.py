@@ -380,6 +380,8 @@ def parse_args(argv=None):
                    help="size of the generated training set (data.shapes_train)")
     p.add_argument("--cell-timeout", type=float, default=None,
                    help="seconds per cell (default: 3x its estimate, at least 300)")
+    p.add_argument("--summarize", action="store_true",
+                   help="run nothing: write the JSON/PNG of the cells finished so far (a grid in progress)")
     p.add_argument("--pilot", action="store_true", help=f"only the baseline ({BASELINE}), evaluated often")
     p.add_argument("--list", action="store_true", help="print the cells and the cost model's estimates, run nothing")
     p.add_argument("--quick", action="store_true", help="two tiny cells and a tiny pretraining (a test of the script)")
@@ -430,7 +432,7 @@ def main() -> int:
     for c in cells:
         rerun = args.cells and c["name"] in args.cells
         done = None if rerun else finished(out, c, recipe, backbone, extra)
-        if done is None and (not args.cells or rerun):
+        if done is None and (not args.cells or rerun) and not args.summarize:
             done = run_cell(c, recipe, backbone, out, args.cell_timeout, extra)
         elif done is not None:
             print(f"-- {c['name']}: finished (AP {done['AP']:.3f}), skipped", flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import signal
 import threading
@@ -71,8 +72,11 @@ def _start_forkserver() -> None:
     forkserver and every worker it forks inherit the mask, so a signal sent to every process of the
     job cannot kill a worker that is still starting, before ``worker_init_fn`` ignores it (a plain
     fork inherited the trainer's handlers; a forkserver's child inherits the forkserver's). Blocked,
-    not ignored, here: a signal that comes meanwhile reaches the trainer's stop flag when unblocked."""
+    not ignored, here: a signal that comes meanwhile reaches the trainer's stop flag when unblocked.
+    (CPython does the same for its resource tracker, bpo-33613; started first, as starting it
+    unblocks SIGTERM on its way out.)"""
     multiprocessing.forkserver.set_forkserver_preload([__name__])
+    multiprocessing.resource_tracker.ensure_running()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, signals.STOP_SIGNALS)
     try:
         multiprocessing.forkserver.ensure_running()  # once per process; a no-op afterwards
