@@ -98,7 +98,7 @@ def main() -> int:
             break
         last_failure = (f"attempt {attempt + 1} crashed (exit {code})" +
                         (f": rank {culprit[0]} on {culprit[1]} failed first: {culprit[2]}" if culprit else ""))
-        if culprit:
+        if culprit and res["node_problem"]:  # an OOM or a usage error follows the job to any host
             host = culprit[1]
             blamed[host] = blamed.get(host, 0) + 1
             rest = [(h, s) for h, s in hosts if h != host]
