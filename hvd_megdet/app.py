@@ -17,6 +17,10 @@ from hvd_megdet import errors
 from hvd_megdet.errors import EXIT_CRASH, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 
 DEFAULT_OUTPUT_ROOT = "outputs"
+
+
+class OutputDirError(UserError, OSError):
+    """The output directory cannot be created or written (a path or permission: no restart fixes it)."""
 EXIT_GRACE_S = 2.0
 
 
@@ -46,7 +50,7 @@ def start(cfg: config_mod.Config, output_dir: str | None, write_config: bool = T
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise OSError(f"output directory {out} cannot be written: {e.strerror or e}") from None
+        raise OutputDirError(f"output directory {out} cannot be written: {e.strerror or e}") from None
     log = log_mod.setup(out, dist.rank())
     # one line on every rank's stdout (SLURM's per-task files), pointing at the full log
     print(f"hvd_megdet rank {dist.rank()}/{dist.size()} on {socket.gethostname()}: "

@@ -4,7 +4,8 @@
     python scripts/benchmark_process_sets.py [--output benchmarks/process_sets.json] [--reps 2]
 
 For np = 2 and 4 (BN groups of 2 ranks: the whole world at 2, two groups at 4), alternating the
-two modes ``--reps`` times: (a) one forward+backward over SyncBatchNorm layers of ResNet-50's 53 BN
+two modes ``--reps`` times: (0) the collectives alone (53 + 53 SyncBN-sized allreduces on the BN
+group and one 2M-float gradient allreduce), under MPI and Gloo; (a) one forward+backward over SyncBatchNorm layers of ResNet-50's 53 BN
 shapes (64 px, 2 images per rank; ms, max over ranks of the median), (b) ``train.py`` on
 shapes_tiny (2 images per rank, images/s over the run). ``HVD_MEGDET_PROCESS_SETS=dynamic`` selects
 the dynamic sets (``hvd.init(process_sets="dynamic")``), ``static`` the static ones (restart).
@@ -55,11 +56,49 @@ def syncbn_worker(iters: int, out: str) -> None:
         Path(out).write_text(json.dumps({"ms": worst * 1e3}))
 
 
-def horovodrun(np_: int, argv: list[str], mode: str, timeout: float = 900) -> None:
+def floor_worker(iters: int, out: str) -> None:
+    """The collectives alone: 53 fwd (2C+1 fp64) and 53 bwd (2C fp32) allreduces on the BN group, one
+    2M-float gradient allreduce on all ranks; ms per such iteration on rank 0."""
+    import torch
+    import horovod.torch as hvd
+
+    from hvd_megdet import dist
+
+    torch.set_num_threads(1)
+    dist.init()
+    dist.init(bn_group_size=2)
+    group = dist.bn_group(2) or hvd.global_process_set
+    chans = ([64, 256, 128, 512, 256, 1024, 512, 2048] * 7)[:53]
+    grads = torch.randn(2_000_000)
+
+    def iteration():
+        for i, c in enumerate(chans):
+            hvd.allreduce(torch.randn(2 * c + 1, dtype=torch.float64), op=hvd.Sum, name=f"f{i}", process_set=group)
+        for i, c in enumerate(reversed(chans)):
+            hvd.allreduce(torch.randn(2 * c), op=hvd.Sum, name=f"b{i}", process_set=group)
+        hvd.allreduce(grads, op=hvd.Average, name="g")
+    for _ in range(3):
+        iteration()
+    t = time.perf_counter()
+    for _ in range(iters):
+        iteration()
+    if dist.rank() == 0:
+        Path(out).write_text(json.dumps({"ms": (time.perf_counter() - t) / iters * 1e3}))
+
+
+def horovodrun(np_: int, argv: list[str], mode: str, timeout: float = 900, controller: str = "mpi") -> None:
     env = {**os.environ, **ENV, "HVD_MEGDET_PROCESS_SETS": mode}
-    cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--mpi",
+    cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", f"--{controller}",
            sys.executable, *argv]
     subprocess.run(cmd, env=env, check=True, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def measure_floor(np_: int, mode: str, controller: str, iters: int = 15) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        horovodrun(np_, [__file__, "--iters", str(iters), "--worker", f"{tmp}/f.json", "--floor"], mode,
+                   controller=controller)
+        return {"np": np_, "mode": mode, "controller": controller,
+                "floor_ms": round(json.loads(Path(tmp, "f.json").read_text())["ms"], 1)}
 
 
 def measure(np_: int, mode: str, iters: int, train_iters: int) -> dict:
@@ -83,9 +122,17 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10, help="SyncBN passes timed")
     p.add_argument("--train-iters", type=int, default=40)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        return syncbn_worker(args.iters, args.worker)
+        return (floor_worker if args.floor else syncbn_worker)(args.iters, args.worker)
+    floor = []
+    for rep in range(args.reps):  # the collectives alone, under both controllers
+        for controller in ("mpi", "gloo"):
+            for np_ in (2, 4):
+                for mode in ("dynamic", "static") if rep % 2 == 0 else ("static", "dynamic"):
+                    floor.append({"rep": rep, **measure_floor(np_, mode, controller)})
+                    print(json.dumps(floor[-1]), flush=True)
     rows = []
     for rep in range(args.reps):
         for np_ in (2, 4):
@@ -102,7 +149,7 @@ def main() -> None:
                                                                   med["dynamic"]["train_images_per_s"], 2)}
     print(json.dumps(summary, indent=1))
     Path(args.output).write_text(json.dumps({"controller": "mpi", "bn_group_ranks": 2, "images_per_rank": 2,
-                                             "rows": rows, "summary": summary}, indent=1) + "\n")
+                                             "rows": rows, "summary": summary, "floor": floor}, indent=1) + "\n")
     print(f"saved {args.output}")
 
 
