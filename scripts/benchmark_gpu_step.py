@@ -128,15 +128,11 @@ def median_ms(samples) -> float:
 
 
 def set_device_override(overrides: list[str], dev) -> list[str]:
-    """``train.device`` matching ``dev`` where the config has that key (megdet_r50_fpn says cuda)."""
-    # TODO(device): once train.device has landed everywhere, pass it unconditionally (and drop this check)
-    import dataclasses
-
-    from hvd_megdet.config import TrainConfig
-    if "device" in {f.name for f in dataclasses.fields(TrainConfig)} and \
-            not any(o.startswith("train.device=") for o in overrides):
-        return [*overrides, f"train.device={dev.type}"]
-    return list(overrides)
+    """``train.device`` matching ``dev`` unless given (megdet_r50_fpn says cuda: a CPU rehearsal
+    must say cpu)."""
+    if any(o.startswith("train.device=") for o in overrides):
+        return list(overrides)
+    return [*overrides, f"train.device={dev.type}"]
 
 
 # --- facts --------------------------------------------------------------------

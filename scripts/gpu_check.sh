@@ -145,7 +145,7 @@ MEGDET="data.dataset=shapes data.root=$WORK/shapes-megdet data.train_images=trai
 data.train_annotations=annotations/instances_train.json data.val_images=val
 data.val_annotations=annotations/instances_val.json $MEGDET_DATA solver.scale_schedule=false $MEGDET_RUN
 train.log_period=1 train.checkpoint_period=100000 train.checkpoint_minutes=0"
-# TODO(device): train.device=cuda|cpu is added by benchmark_gpu_step.py only where the config has the key
+# train.device=cuda|cpu (what this run has) is added by benchmark_gpu_step.py
 
 train_run() {  # train_run NAME OUTDIR ARGS... : scripts/train.py at np=1, then its figures
   local name=$1 dir=$2
