@@ -322,8 +322,13 @@ def device_problems(per_rank: list[tuple[str, str | None, str | None]], kind: st
 
 
 def device() -> torch.device:
-    """The device chosen by :func:`select_device` (``auto`` if it was not called)."""
-    return _device[0] if _device else select_device("auto")
+    """The device chosen by :func:`select_device`; before that, what ``auto`` would pick from this
+    rank's facts alone (no collective: select_device's agreement must not hide in a getter)."""
+    if _device:
+        return _device[0]
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 def describe_device(dev: torch.device) -> str:

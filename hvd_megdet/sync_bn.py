@@ -117,7 +117,7 @@ class SyncBatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1)
         with torch.no_grad():
             # No host synchronisation here (a GPU would stall once per layer): the count stays a
-            # tensor, and check_group_counts() reads every layer's at once, once per iteration.
+            # tensor; the engine reads every layer's (group_counts) with the losses, once per pass.
             mean, var, count = self._group_stats(x, process_set)
             self.last_group_count = count
             if self.training and self.track_running_stats:
