@@ -65,6 +65,19 @@ def test_grid_design():
     assert 1.5 * 3600 < total < 2.4 * 3600, total
 
 
+def test_plotted_points_follow_the_first_seed():
+    """The plotted line is the first seed's AP in every cell (paired: the same data order and head
+    initialisation); the bar spans all seeds; seed spreads are max - min."""
+    def c(name, bn, seed, ap):
+        return {"name": name, "group": "bnsize", "mini_batch": 32, "bn_size": bn, "seed": seed, "AP": ap,
+                "diverged": False}
+    cells = [c("bn2", 2, 42, 0.52), c("bn2_seed1", 2, 1, 0.47), c("bn2_seed2", 2, 2, 0.48), c("bn4", 4, 42, 0.50)]
+    assert reproduce.points(cells, "bnsize", "bn_size", mini_batch=32) == [
+        (2, 0.52, 0.47, 0.52, 3, False), (4, 0.50, 0.50, 0.50, 1, False)]
+    (agg,) = reproduce.aggregates(cells)
+    assert agg["cell"] == "bn2" and agg["AP_spread"] == pytest.approx(0.05) and agg["AP_mean"] == pytest.approx(0.49)
+
+
 @pytest.fixture(scope="module")
 def quick_grid(tmp_path_factory):
     """One --quick run with an empty cache: the backbone is pretrained first, under horovodrun."""
