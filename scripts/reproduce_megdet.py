@@ -395,6 +395,9 @@ def parse_args(argv=None):
     p.add_argument("--list", action="store_true", help="print the cells and the cost model's estimates, run nothing")
     p.add_argument("--quick", action="store_true", help="two tiny cells and a tiny pretraining (a test of the script)")
     p.add_argument("--data-root", default=None, help="the shapes set (default: shapes_tiny's cache)")
+    p.add_argument("--save-as", default=None, metavar="NAME",
+                   help="write benchmarks/NAME.{json,png} and OUTPUT_DIR/NAME/ (needed for a recipe other than the "
+                        "grid's, so that a diagnostic run never overwrites the committed grid)")
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.train_images = QUICK["images"], QUICK["train_images"]
@@ -405,6 +408,12 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be a positive multiple of {REFERENCE}")
     if not all(0 < f < 1 for f in args.decay_fractions) or not 0 <= args.warmup_fraction < 1:
         p.error("--decay-fractions must lie in (0, 1) and --warmup-fraction in [0, 1)")
+    changed = [k for k in ("images", "base_lr", "warmup_fraction", "train_images")
+               if getattr(args, k) != DEFAULTS[k]] + \
+        (["decay_fractions"] if tuple(sorted(args.decay_fractions)) != DEFAULTS["decay_fractions"] else [])
+    if changed and not (args.quick or args.pilot or args.save_as):
+        p.error(f"a recipe other than the grid's ({', '.join('--' + k.replace('_', '-') for k in changed)}) "
+                f"needs --save-as NAME: it would overwrite benchmarks/megdet_miniature.*")
     return args
 
 
@@ -430,7 +439,7 @@ def main() -> int:
         print(f"{len(cells)} cells, {args.images} images each: ~{total:.0f} s = {total / 3600:.2f} h "
               f"(+ the backbone's pretraining on first use)")
         return 0
-    out = Path(args.output_dir) / ("pilot" if args.pilot else "")
+    out = Path(args.output_dir) / (args.save_as or ("pilot" if args.pilot else ""))
     extra = [f"data.root={args.data_root}"] if args.data_root else []
     if args.quick:  # a small, separate data set
         extra = [f"data.root={args.data_root or out / 'shapes'}", "data.shapes_val=16",
@@ -456,7 +465,7 @@ def main() -> int:
                "this_invocation_wall_s": round(time.time() - t0, 1),
                "seed_spread": aggregates(results), "cells": results}
     dest = out if args.quick else REPO / "benchmarks"
-    name = "megdet_pilot" if args.pilot else "megdet_miniature"
+    name = args.save_as or ("megdet_pilot" if args.pilot else "megdet_miniature")
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(results, dest / f"{name}.png")

@@ -78,6 +78,15 @@ def test_plotted_points_follow_the_first_seed():
     assert agg["cell"] == "bn2" and agg["AP_spread"] == pytest.approx(0.05) and agg["AP_mean"] == pytest.approx(0.49)
 
 
+def test_other_recipe_never_overwrites_the_grid(capsys):
+    """A diagnostic recipe must be saved under its own name; the grid's own recipe needs none."""
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--images", "38400", "--cells", "cgbn_b32"])
+    assert "--save-as" in capsys.readouterr().err
+    assert reproduce.parse_args(["--images", "38400", "--save-as", "megdet_longer"]).save_as == "megdet_longer"
+    assert reproduce.parse_args(["--cells", "cgbn_b32"]).save_as is None
+
+
 @pytest.fixture(scope="module")
 def quick_grid(tmp_path_factory):
     """One --quick run with an empty cache: the backbone is pretrained first, under horovodrun."""
