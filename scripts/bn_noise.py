@@ -22,18 +22,29 @@ from hvd_megdet import config, data, model as model_lib, pretrain  # noqa: E402
 from hvd_megdet.data.transforms import image_to_device  # noqa: E402
 
 
+def between_image_share(means: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
+    """Per channel, sd over images of the per-image mean / sd over every value. ``means`` and
+    ``squares``: [images, channels] per-image E[x] and E[x^2] (every image has the same size)."""
+    total_var = squares.mean(0) - means.mean(0) ** 2
+    return (means.var(0) / total_var.clamp_min(1e-12)).sqrt()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--output", default=str(REPO / "benchmarks/megdet_bn_noise.json"))
     args = ap.parse_args(argv)
+    if args.images < 2:
+        ap.error(f"--images {args.images}: at least 2 (a spread between images)")
     folder = pretrain.weights_dir(pretrain.DEFAULT, 2)
     info = pretrain.read_info(folder)
     if info is None:
         print(f"no pretrained backbone in {folder}: run scripts/reproduce_megdet.py (or pretrain_backbone.py) first",
               file=sys.stderr)
         return 2
-    cfg = config.load("shapes_tiny", ["model.norm=bn", f"model.backbone_weights={info['path']}"])
+    # no random flips: the same figures on every run
+    cfg = config.load("shapes_tiny", ["model.norm=bn", "data.hflip_prob=0",
+                                      f"model.backbone_weights={info['path']}"])
     data.prepare(cfg.data)
     ds = data.train_dataset(cfg.data)
     net = model_lib.build_model(cfg, num_classes=len(ds.cat_ids) + 1).eval()
@@ -57,9 +68,7 @@ def main(argv=None) -> int:
             net.backbone.body(batch.tensors)
     layers = []
     for name, (means, squares, positions) in stats.items():
-        m, sq = torch.cat(means), torch.cat(squares)
-        total_var = sq.mean(0) - m.mean(0) ** 2            # over every value of every image
-        r = (m.var(0) / total_var.clamp_min(1e-12)).sqrt()  # between-image share of the sd, per channel
+        r = between_image_share(torch.cat(means), torch.cat(squares))
         layers.append({"bn": name, "positions_per_image": positions, "r_mean": float(r.mean()),
                        "r_max": float(r.max()), "mean_error_sd_at_2": float(r.mean() / 2 ** 0.5),
                        "independent_positions_at_2": (2 * positions) ** -0.5})

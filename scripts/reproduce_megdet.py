@@ -325,8 +325,8 @@ def plot(cells: list[dict], path: Path) -> None:
         ax.scatter([p[0] for p in pts if p[5]], [p[1] for p in pts if p[5]], marker="x", s=110, c="red", zorder=4)
 
     ax = axes[0, 0]
-    spread(ax, points(cells, "cgbn", "mini_batch", lr_scale=1.0), f"CGBN + warmup (line: seed {SEEDS[0]}; bar: seeds min-max)",
-           "o-", "tab:blue")
+    seeds = f"line: seed {SEEDS[0]}; bar: seeds min-max"
+    spread(ax, points(cells, "cgbn", "mini_batch", lr_scale=1.0), f"CGBN + warmup ({seeds})", "o-", "tab:blue")
     spread(ax, points(cells, "frozen", "mini_batch", lr_scale=1.0), "frozen BN + warmup", "s-", "tab:orange")
     spread(ax, points(cells, "frozen", "mini_batch", lr_scale=0.5), "frozen BN, half lr", "D--", "tab:green")
     spread(ax, points(cells, "nowarmup", "mini_batch"), "CGBN, no warmup", "^", "tab:purple")
@@ -337,7 +337,8 @@ def plot(cells: list[dict], path: Path) -> None:
     biggest = max((c["mini_batch"] for c in cells if c["group"] == "cgbn"), default=0)
     pool = [{**c, "group": "bnsize"} for c in cells
             if c["group"] == "bnsize" or (c["group"] == "cgbn" and c["mini_batch"] == biggest and c["lr_scale"] == 1.0)]
-    spread(ax, points(pool, "bnsize", "bn_size", mini_batch=biggest), f"CGBN, mini-batch {biggest} (line: seed {SEEDS[0]}; bar: seeds min-max)", "o-", "tab:blue")
+    spread(ax, points(pool, "bnsize", "bn_size", mini_batch=biggest), f"CGBN, mini-batch {biggest} ({seeds})", "o-",
+           "tab:blue")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="BN size (images per statistic)", ylabel="bbox AP", title=f"AP vs BN size (mini-batch {biggest})")
     ax.legend(fontsize=7)
@@ -408,6 +409,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be a positive multiple of {REFERENCE}")
     if not all(0 < f < 1 for f in args.decay_fractions) or not 0 <= args.warmup_fraction < 1:
         p.error("--decay-fractions must lie in (0, 1) and --warmup-fraction in [0, 1)")
+    if args.save_as is not None and not args.save_as.replace("_", "").replace("-", "").isalnum():
+        p.error(f"--save-as {args.save_as!r}: a plain name (letters, digits, _ and -), written as benchmarks/NAME.*")
     changed = [k for k in ("images", "base_lr", "warmup_fraction", "train_images")
                if getattr(args, k) != DEFAULTS[k]] + \
         (["decay_fractions"] if tuple(sorted(args.decay_fractions)) != DEFAULTS["decay_fractions"] else [])

@@ -85,6 +85,8 @@ def test_other_recipe_never_overwrites_the_grid(capsys):
     assert "--save-as" in capsys.readouterr().err
     assert reproduce.parse_args(["--images", "38400", "--save-as", "megdet_longer"]).save_as == "megdet_longer"
     assert reproduce.parse_args(["--cells", "cgbn_b32"]).save_as is None
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--images", "38400", "--save-as", "../megdet_miniature"])
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +167,19 @@ def test_pretraining_deterministic_and_loads(quick_grid, tmp_path):
     torch.save(state, tmp_path / "partial.pth")
     with pytest.raises(WeightsError, match="layer2.0.bn1.running_mean"):
         build_model(config.load("shapes_tiny", [f"model.backbone_weights={tmp_path / 'partial.pth'}"]), num_classes=4)
+
+
+def test_bn_noise_statistic():
+    """scripts/bn_noise.py's r against the construction: x = a_image + e with sd(a) = 0.6, sd(e) = 0.8,
+    so r = 0.6 / sqrt(0.6^2 + 0.8^2) = 0.6 in channel 0; channel 1 has no between-image part."""
+    spec = importlib.util.spec_from_file_location("bn_noise", REPO / "scripts/bn_noise.py")
+    bn_noise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bn_noise)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 1, 1, 1, generator=g, dtype=torch.float64) * torch.tensor([0.6, 0.0]).view(1, 2, 1, 1)
+    x = 5.0 + a + 0.8 * torch.randn(4000, 2, 8, 8, generator=g, dtype=torch.float64)
+    r = bn_noise.between_image_share(x.mean((2, 3)), (x * x).mean((2, 3)))
+    assert r[0] == pytest.approx(0.6, abs=0.02)
+    assert r[1] == pytest.approx(0.8 / 8 / 0.8, abs=0.02)  # only the noise of a mean over 64 positions
+    with pytest.raises(SystemExit):
+        bn_noise.main(["--images", "1"])
