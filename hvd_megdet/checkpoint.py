@@ -3,18 +3,24 @@
 world size), config and every rank's RNG state.
 
 Files are named by images seen, ``model_img<images>.pth``: the unit of progress that survives a
-change of world size (an iteration number does not, so it cannot order checkpoints)."""
+change of world size (an iteration number does not, so it cannot order checkpoints).
+
+The collective protocol is here too: :func:`save_collective` (every rank's RNG state gathered,
+rank 0 writes, a barrier) and :func:`restore` (rank 0 reads, its verdict and the weights reach
+every rank). What a restored progress means for a schedule of another world size is the
+engine's."""
 from __future__ import annotations
 
 import os
-import random
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
 import torch
 
+from hvd_megdet import dist, rng
 from hvd_megdet.errors import UserError
 
 _NAME = re.compile(r"^model_img(\d{10,})\.pth$")
@@ -23,29 +29,6 @@ _LEGACY = re.compile(r"^model_(\d{7,})\.pth$")  # named by iteration (before ima
 
 def checkpoint_dir(output_dir) -> Path:
     return Path(output_dir) / "checkpoints"
-
-
-def rng_state(device: torch.device | None = None) -> dict:
-    """This process's RNG states as tensors and plain numbers (loadable with weights_only); on a
-    GPU rank, the CUDA generator of ``device`` (its own GPU, not the current default)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device | None = None) -> None:
-    torch.set_rng_state(state["torch"])
-    v, internal, gauss = state["python"]
-    random.setstate((v, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if "cuda" in state and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def path_for(output_dir, images: int) -> Path:
@@ -114,3 +97,69 @@ def remove_stale_temporaries(output_dir, log=None) -> None:
         tmp.unlink(missing_ok=True)
         if log:
             log.warning("removed %s, left by an interrupted save", tmp)
+
+
+# --- the collective protocol -------------------------------------------------
+
+def save_collective(output_dir, images: int, state: Callable[[], dict], device, keep: int,
+                    marker: str | None = None, marker_text: str = "") -> Path | None:
+    """Collective: every rank's RNG state is gathered; rank 0 writes ``state()`` + those states,
+    then ``marker`` (a file in ``output_dir``, e.g. PREEMPTED), both before the barrier that
+    releases the other ranks. Returns the path on rank 0, None elsewhere."""
+    rngs = dist.allgather_object(rng.rng_state(device), name=f"ckpt_rng_{images}")
+    path = None
+    if dist.is_main():
+        path = save(output_dir, images, {**state(), "rng": rngs}, keep)
+        if marker:  # job scripts requeue on this file, whatever srun's exit code
+            (Path(output_dir) / marker).write_text(marker_text)
+    dist.barrier(name=f"ckpt_saved_{images}")
+    return path
+
+
+def newest_on_root(output_dir, log=None, remove_temporaries: bool = False) -> tuple[Path | None, dict | None]:
+    """Rank 0: the newest readable checkpoint and its state (see :func:`newest_valid`), after
+    removing the temporary files of interrupted saves when asked (training only: an evaluation
+    must not, a training job may be saving into the same dir). Other ranks: (None, None)."""
+    if not dist.is_main():
+        return None, None
+    if remove_temporaries:
+        remove_stale_temporaries(output_dir, log)
+    return newest_valid(output_dir, log)
+
+
+@dataclass(frozen=True)
+class Restored:
+    path: str
+    images: int                 # progress: images seen by all ranks together
+    iteration: int              # the checkpoint's own iteration (of its world size's batch)
+    world_size: int | None
+    rng: list | None            # every rank's RNG state at the save, by rank
+    scaler: dict | None
+
+
+def restore(path, state: dict | None, model, optimizer=None, legacy_global_batch: int = 0) -> Restored | None:
+    """Collective: rank 0's ``state`` (loaded from ``path``) into every rank's ``model`` (and
+    ``optimizer``). None when rank 0 has no checkpoint. A checkpoint that does not fit the model
+    fails every rank alike. ``legacy_global_batch`` turns the iteration of a checkpoint older than
+    the images count into images."""
+    path = dist.broadcast_object(str(path) if path else None, name="ckpt_path")
+    if path is None:
+        return None
+
+    def load_on_root() -> dict:
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        legacy = state.get("schedule", {}).get("global_batch", legacy_global_batch)
+        return {"images": state.get("images", state["iteration"] * legacy), "iteration": state["iteration"],
+                "world_size": state.get("world_size"), "rng": state.get("rng"), "scaler": state.get("scaler")}
+
+    meta = dist.root_decides(load_on_root, "ckpt_meta", CheckpointError, catch=(KeyError, ValueError, RuntimeError),
+                             describe=lambda e: f"checkpoint {path} does not fit this model/config: "
+                                                f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    if optimizer is not None:
+        # optimizer state first: Horovod initialises empty state with a step, which the
+        # parameter broadcast then overwrites.
+        dist.broadcast_optimizer_state(optimizer)
+    dist.broadcast_parameters(model.state_dict())
+    return Restored(path=path, **meta)

@@ -10,20 +10,23 @@ resume hold on any world size.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from hvd_megdet import checkpoint, data, dist, evaluation, faults, optim, signals, startup, sync_bn
-from hvd_megdet.progress import Progress, tensorboard
+from hvd_megdet import checkpoint, data, dist, evaluation, faults, optim, rng, signals, startup, sync_bn
 from hvd_megdet import plan as plan_mod
 from hvd_megdet.config import Config, to_dict
 from hvd_megdet.data.transforms import to_device
+from hvd_megdet.device import describe_device
 from hvd_megdet.errors import EXIT_PREEMPTED, UserError, write_status
+from hvd_megdet.lr_schedule import Schedule
+from hvd_megdet.model import describe_norms
+from hvd_megdet.progress import Progress, tensorboard
 from hvd_megdet.watchdog import Watchdog
-from hvd_megdet.model import build_model, describe_norms
 
 PREEMPTED_EXIT_CODE = EXIT_PREEMPTED  # stopped on a signal after checkpointing; resume with --resume
 # Written by rank 0 once that checkpoint is complete, BEFORE the barrier that releases the other
@@ -42,57 +45,37 @@ class InvalidBNBatch(UserError, ValueError):
 
 
 class Trainer:
-    """``training=False`` (evaluation, ``--eval-only``) needs no BN groups, optimizer or schedule
-    and works on any world size."""
+    """Training only (evaluation of a checkpoint: :func:`evaluate_checkpoint`). Horovod must be
+    started with the training BN groups registered (``app.start_horovod``)."""
 
-    def __init__(self, cfg: Config, output_dir: Path, log, training: bool = True):
-        self.cfg, self.out, self.log, self.training = cfg, Path(output_dir), log, training
+    def __init__(self, cfg: Config, output_dir: Path, log):
+        self.cfg, self.out, self.log = cfg, Path(output_dir), log
         # from the start: a preemption signal during set-up or resume is honoured at the first iteration
-        self.stop = signals.stop_flag() if training else None
+        self.stop = signals.stop_flag()
         self.fault = faults.from_env()  # tests only: HVD_MEGDET_FAULT
-        self.device = dist.select_device(cfg.train.device)  # a missing GPU fails here, before any collective
-        log.info("device: %s", dist.describe_device(self.device))
-        if cfg.train.threads_per_rank:
-            torch.set_num_threads(cfg.train.threads_per_rank)
-        dist.seed_all(cfg.train.seed, per_rank=False)  # identical init everywhere (then broadcast anyway)
-        self.plan = plan_mod.resolve(cfg, dist.size(), training)
+        self.plan = plan_mod.resolve(cfg, dist.size())
         self.sched = self.plan.schedule
-        bn_ranks = self._register_bn_groups() if training else None  # evaluation runs on any world size
-        startup.prepare_data_and_weights(cfg, log)
-        self.val_ds = data.val_dataset(cfg.data)
-        startup.check_image_files(self.val_ds)
-        self.model = build_model(cfg, self.val_ds.num_classes, bn_ranks)
-        startup.load_detector_weights(self.model, cfg.model, log)
-        self.model.to(self.device)
-        dist.seed_all(cfg.train.seed, per_rank=True)  # per-rank RNG (RPN/ROI sampling); saved in checkpoints
-        self.optimizer = optim.build_optimizer(self.model, cfg.solver, self.sched.lr_at(0)) if training else None
-        dist.broadcast_parameters(self.model.state_dict())  # every rank starts from rank 0's weights
+        bn = self.plan.bn
+        if cfg.model.norm == "syncbn":
+            dist.bn_group(bn.ranks)  # registered before any collective, or a DistError naming the fix
+            log.info("BN groups: %d x %d ranks x %d images = BN size %d images", bn.groups, bn.ranks,
+                     cfg.solver.images_per_rank, bn.images)
+        if bn.notice:
+            log.warning("%s", bn.notice)
+        ready = startup.build(cfg, log, bn.ranks)  # the set-up collectives, in their fixed order
+        self.device, self.val_ds, self.model = ready.device, ready.val_ds, ready.model
+        self.optimizer = optim.build_optimizer(self.model, cfg.solver, self.sched.lr_at(0))
         self.amp = cfg.solver.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp and training else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         self.watchdog: Watchdog | None = None  # runs during train()
         self.images = 0          # progress: images seen by all ranks together (the unit that survives resizes)
         self.iteration = 0       # iterations of this world size's global batch (derived on resume)
         self._bn_sync_logged = False
-        n_params = sum(p.numel() for p in self.model.parameters())
-        log.info("data: %s (%d val images, %d classes)", data.dataset_root(cfg.data), len(self.val_ds),
-                 self.val_ds.num_classes - 1)
-        log.info("model: Faster R-CNN + FPN on %s, %.2fM parameters, norm: %s", cfg.model.backbone,
-                 n_params / 1e6, describe_norms(self.model))
-        if training:
-            log.info("LR schedule: %s (base lr %g for %d images, %d ranks x %d images x %d passes)",
-                     self.sched.describe(), cfg.solver.base_lr, cfg.solver.reference_batch, dist.size(),
-                     cfg.solver.images_per_rank, cfg.solver.backward_passes_per_step)
-
-    def _register_bn_groups(self) -> int:
-        """The training BN groups (plan.py) as Horovod process sets; returns ranks per group."""
-        bn, cfg = self.plan.bn, self.cfg
-        dist.init(bn_group_size=bn.ranks)
-        if cfg.model.norm == "syncbn":
-            self.log.info("BN groups: %d x %d ranks x %d images = BN size %d images", bn.groups, bn.ranks,
-                          cfg.solver.images_per_rank, bn.images)
-        if bn.notice:
-            self.log.warning("%s", bn.notice)
-        return bn.ranks
+        self.resumed_from: str | None = None
+        log_model(cfg, self.val_ds, self.model, log)
+        log.info("LR schedule: %s (base lr %g for %d images, %d ranks x %d images x %d passes)",
+                 self.sched.describe(), cfg.solver.base_lr, cfg.solver.reference_batch, dist.size(),
+                 cfg.solver.images_per_rank, cfg.solver.backward_passes_per_step)
 
     # --- checkpoints -----------------------------------------------------
     def sync_bn_statistics(self, why: str) -> None:
@@ -114,84 +97,37 @@ class Trainer:
     def save_checkpoint(self, marker: str | None = None) -> None:
         """Rank 0 writes the checkpoint (and then ``marker``, e.g. PREEMPTED) before the barrier."""
         with self._unwatched():
-            self._save_checkpoint(marker)
+            self.sync_bn_statistics("checkpoint")
+            path = checkpoint.save_collective(self.out, self.images, self.state, self.device,
+                                              self.cfg.train.keep_checkpoints, marker, f"{self.iteration}\n")
+            if path:
+                self.log.info("saved checkpoint %s (%d images, iteration %d)", path, self.images, self.iteration)
+            self._last_checkpoint = time.monotonic()
 
     def _unwatched(self):
         """Rank 0 alone writes checkpoints and runs COCOeval while the others wait: no stall clock."""
         return self.watchdog.paused() if self.watchdog else contextlib.nullcontext()
 
-    def _save_checkpoint(self, marker: str | None) -> None:
-        self.sync_bn_statistics("checkpoint")
-        rngs = dist.allgather_object(checkpoint.rng_state(self.device), name=f"ckpt_rng_{self.images}")
-        if dist.is_main():
-            path = checkpoint.save(self.out, self.images, {**self.state(), "rng": rngs},
-                                   self.cfg.train.keep_checkpoints)
-            self.log.info("saved checkpoint %s (%d images, iteration %d)", path, self.images, self.iteration)
-            if marker:  # job scripts requeue on this file, whatever srun's exit code
-                (self.out / marker).write_text(f"{self.iteration}\n")
-        self._last_checkpoint = time.monotonic()
-        dist.barrier()
-
     def resume(self) -> None:
-        """``--resume`` / ``--eval-only``: the output dir's newest readable checkpoint (unreadable
-        newer ones are skipped with a warning); training first removes temporary files of
-        interrupted saves (evaluation must not: a training job may be saving into the same dir)."""
-        path = state = None
-        if dist.is_main():
-            if self.training:
-                checkpoint.remove_stale_temporaries(self.out, self.log)
-            path, state = checkpoint.newest_valid(self.out, self.log)
-        self._restore(path, state)
-
-    def load_checkpoint(self, path: Path, state: dict | None = None) -> None:
-        """Load ``path`` (or its already loaded ``state``) on rank 0 and share it."""
-        if dist.is_main() and state is None:
-            state = checkpoint.load(path)
-        self._restore(path, state)
-
-    def _restore(self, path: Path | None, state: dict | None) -> None:
-        """Rank 0's ``state`` to every rank: parameters, optimizer and scaler state, progress in
-        images, each rank's RNG. On another world size the schedule continues at the same image count."""
-        path = dist.broadcast_object(str(path) if path else None, name="ckpt_path")
-        if path is None:
+        """``--resume``: the output dir's newest readable checkpoint (unreadable newer ones are
+        skipped with a warning; temporary files of interrupted saves removed first). On another
+        world size the schedule continues at the same image count."""
+        path, state = checkpoint.newest_on_root(self.out, self.log, remove_temporaries=True)
+        got = checkpoint.restore(path, state, self.model, self.optimizer, self.sched.global_batch)
+        del state
+        if got is None:
             self.log.info("no checkpoint to resume from: starting at iteration 0")
             return
-        meta = None
-        if dist.is_main():
-            try:  # a checkpoint of another model or config: every rank must learn it, not hang
-                self.model.load_state_dict(state["model"])
-                if self.training:
-                    self.optimizer.load_state_dict(state["optimizer"])
-                legacy_batch = state.get("schedule", {}).get("global_batch", self.sched.global_batch)
-                meta = {"rng": state.get("rng"), "world_size": state.get("world_size"),
-                        "images": state.get("images", state["iteration"] * legacy_batch),
-                        "iteration": state["iteration"], "scaler": state.get("scaler")}
-            except (KeyError, ValueError, RuntimeError) as e:
-                meta = {"error": f"checkpoint {path} does not fit this model/config: "
-                                 f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-        meta = dist.broadcast_object(meta, name="ckpt_meta")
-        if "error" in meta:
-            raise checkpoint.CheckpointError(meta["error"])
-        if self.training:
-            # optimizer state first: Horovod initialises empty state with a step, which the
-            # parameter broadcast then overwrites.
-            dist.broadcast_optimizer_state(self.optimizer)
-        dist.broadcast_parameters(self.model.state_dict())
-        self.images = meta["images"]
-        if not self.training:  # report the checkpoint's own iteration
-            self.iteration = meta["iteration"]
-            self.log.info("loaded %s (%d images seen, iteration %d)", path, self.images, self.iteration)
-            return
+        self.images, self.resumed_from = got.images, got.path
         self.iteration = self.images // self.sched.global_batch
-        if self.scaler and meta["scaler"]:
-            self.scaler.load_state_dict(meta["scaler"])
-        rngs, old_world = meta["rng"], meta["world_size"]
-        if rngs and len(rngs) == dist.size():
-            checkpoint.set_rng_state(rngs[dist.rank()], self.device)  # bit-exact continuation
+        if self.scaler and got.scaler:
+            self.scaler.load_state_dict(got.scaler)
+        if got.rng and len(got.rng) == dist.size():
+            rng.set_rng_state(got.rng[dist.rank()], self.device)  # bit-exact continuation
         else:  # another world size: fresh per-rank streams, a deterministic function of (seed, rank, images)
-            dist.seed_all(self.cfg.train.seed, per_rank=True, salt=self.images + 1)
+            rng.seed_all(self.cfg.train.seed, dist.rank(), salt=self.images + 1)
         self.log.info("resumed from %s: world size %s -> %d, %d images seen, iteration %d of %d, lr %.6g",
-                      path, old_world, dist.size(), self.images, self.iteration,
+                      got.path, got.world_size, dist.size(), self.images, self.iteration,
                       self.iteration + self.sched.iters(self.sched.total_images - self.images),
                       self.sched.lr_at(self.images))
 
@@ -211,9 +147,12 @@ class Trainer:
         self.model.train()
         self._last_checkpoint = time.monotonic()
         self.watchdog = Watchdog(60 * cfg.train.stall_minutes, self.log,
-                                 on_stall=lambda reason: write_status("crash", f"watchdog: {reason}"))
+                                 on_stall=lambda reason: write_status("crash", f"watchdog: {reason}", dist.rank(), dist.size()))
         self.log.info("training from iteration %d to %d (%d -> %d images; schedule: %d images)",
                       self.iteration, end_iter, self.images, end, sched.total_images)
+        record_run(self.out, "train", self.device, resumed_from=self.resumed_from, images=self.images,
+                   iteration=self.iteration, until_images=end, global_batch=sched.global_batch)
+        self.resumed_from = None  # a later train() of this Trainer continues, it does not resume
         try:
             while self.images < end:
                 lr, means, stopping, checkpoint_due = self._iteration(batches)
@@ -310,21 +249,61 @@ class Trainer:
 
     def evaluate(self, writer=None) -> dict:
         with self._unwatched():
-            return self._evaluate(writer)
+            self.sync_bn_statistics("evaluation")
+            return evaluate_model(self.cfg, self.model, self.val_ds, self.out, self.iteration, self.images,
+                                  self.device, self.log, writer)
 
-    def _evaluate(self, writer=None) -> dict:
-        c = self.cfg
-        self.sync_bn_statistics("evaluation")
-        metrics = evaluation.evaluate(self.model, self.val_ds, self.out, self.iteration, c.solver.images_per_rank,
-                                      self.device, c.train.eval_images, c.train.num_visualizations, self.log,
-                                      images_seen=self.images)
-        if writer:
-            for k in evaluation.METRIC_NAMES:
-                writer.add_scalar(f"eval/{k}", metrics[k], self.images)
-            for c in metrics["per_category"]:  # None: no GT of that category in the evaluated images
-                if c["AP"] is not None:
-                    writer.add_scalar(f"eval_per_category/AP-{c['name']}", c["AP"], self.images)
-        return metrics
+
+def evaluate_model(cfg: Config, model, val_ds, out: Path, iteration: int, images: int, device, log,
+                   writer=None) -> dict:
+    """COCO evaluation of ``model`` (collective); metrics also to TensorBoard when ``writer``."""
+    metrics = evaluation.evaluate(model, val_ds, out, iteration, cfg.solver.images_per_rank, device,
+                                  cfg.train.eval_images, cfg.train.num_visualizations, log, images_seen=images)
+    if writer:
+        for k in evaluation.METRIC_NAMES:
+            writer.add_scalar(f"eval/{k}", metrics[k], images)
+        for c in metrics["per_category"]:  # None: no GT of that category in the evaluated images
+            if c["AP"] is not None:
+                writer.add_scalar(f"eval_per_category/AP-{c['name']}", c["AP"], images)
+    return metrics
+
+
+def evaluate_checkpoint(cfg: Config, out: Path, log, path: Path | None = None, state: dict | None = None) -> dict:
+    """``--eval-only`` (the output dir's newest readable checkpoint) and scripts/evaluate.py
+    (``path``, with its ``state`` when already loaded): any world size, no BN groups, no optimizer."""
+    ready = startup.build(cfg, log)
+    log_model(cfg, ready.val_ds, ready.model, log)
+    if path is None:
+        path, state = checkpoint.newest_on_root(out, log)
+    elif dist.is_main() and state is None:
+        state = checkpoint.load(path)
+    legacy_batch = Schedule.from_config(cfg.solver, dist.size()).global_batch
+    got = checkpoint.restore(path, state, ready.model, legacy_global_batch=legacy_batch)
+    del state
+    iteration, images = (got.iteration, got.images) if got else (0, 0)
+    record_run(out, "evaluate", ready.device, checkpoint=got.path if got else None, images=images, iteration=iteration)
+    if got:
+        log.info("loaded %s (%d images seen, iteration %d)", got.path, images, iteration)
+    else:
+        log.info("no checkpoint to resume from: starting at iteration 0")
+    # one model for every rank (a no-op for a checkpoint, which holds averaged statistics)
+    sync_bn.average_running_stats(ready.model, name=f"bn_stats_evaluation_{images}")
+    return evaluate_model(cfg, ready.model, ready.val_ds, out, iteration, images, ready.device, log)
+
+
+def record_run(out: Path, kind: str, device, **facts) -> None:
+    """Rank 0 appends one line to ``<out>/runs.jsonl`` per start of training or evaluation: what
+    ran where (tools read this, not the log's wording)."""
+    if dist.is_main():
+        rec = {"kind": kind, "time": time.time(), "world_size": dist.size(), "device": describe_device(device), **facts}
+        with open(Path(out) / "runs.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def log_model(cfg: Config, val_ds, model, log) -> None:
+    log.info("data: %s (%d val images, %d classes)", data.dataset_root(cfg.data), len(val_ds), val_ds.num_classes - 1)
+    log.info("model: Faster R-CNN + FPN on %s, %.2fM parameters, norm: %s", cfg.model.backbone,
+             sum(p.numel() for p in model.parameters()) / 1e6, describe_norms(model))
 
 
 def crossed(before: int, after: int, period: int) -> bool:

@@ -30,17 +30,18 @@ class UserError(Exception):
     """Bad input (config, data, weights, paths): the message names it; no restart can fix it."""
 
 
-def write_status(kind: str, reason: str) -> None:
-    """``$HVD_MEGDET_STATUS_DIR/<kind>-rank-NNNNN.json`` for the launcher (job script, scripts/run.py)."""
-    from hvd_megdet import dist  # horovod only when there is something to write
+def write_status(kind: str, reason: str, rank: int, size: int) -> None:
+    """``$HVD_MEGDET_STATUS_DIR/<kind>-rank-NNNNN.json`` for the launcher (job script, scripts/run.py).
+    Rank and size are the caller's: this module imports nothing of the package (launchers use it
+    without loading horovod)."""
     folder = os.environ.get("HVD_MEGDET_STATUS_DIR")
     if not folder:
         return
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        rec = {"class": kind, "rank": dist.rank(), "size": dist.size(), "host": socket.gethostname(),
+        rec = {"class": kind, "rank": rank, "size": size, "host": socket.gethostname(),
                "pid": os.getpid(), "time": time.time(), "reason": reason[:2000]}
-        path = Path(folder, f"{kind}-rank-{dist.rank():05d}.json")
+        path = Path(folder, f"{kind}-rank-{rank:05d}.json")
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec))
         os.replace(tmp, path)  # a rank killed mid-write leaves no half file

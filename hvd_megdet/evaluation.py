@@ -1,7 +1,8 @@
 """COCO bbox evaluation: each rank infers its shard, detections are gathered to rank 0 only, COCOeval.
 
 Writes ``<out>/eval/metrics.json`` (the 12 COCO numbers as fractions, plus the
-iteration), ``eval/per_category.json`` (AP and AP50 per category, with its number of
+iteration and images seen; ``eval/history.jsonl`` gets the same record for every evaluation),
+``eval/per_category.json`` (AP and AP50 per category, with its number of
 non-crowd ground-truth boxes in the evaluated images), ``eval/detections.json`` (the
 gathered detections, COCO results format) and a few ``eval/vis/*.png`` with predicted
 boxes drawn. The drawing and the model-output -> COCO-results conversion are shared
@@ -173,6 +174,8 @@ def evaluate(model, dataset: CocoDetection, output_dir, iteration: int, batch_si
         write_json(eval_dir / "detections.json", all_dets)
         write_json(eval_dir / "metrics.json", metrics)
         write_json(eval_dir / "per_category.json", per_cat)
+        with open(eval_dir / "history.jsonl", "a") as f:  # every evaluation of the run, in order
+            f.write(json.dumps(metrics) + "\n")
         if num_visualizations:
             save_visualizations(model, dataset, list(range(min(num_visualizations, n))), eval_dir / "vis", device)
         if log:

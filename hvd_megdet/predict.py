@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 
-from hvd_megdet import app, checkpoint, config, data, dist
+from hvd_megdet import app, checkpoint, config, data, dist, startup
 from hvd_megdet.data.transforms import image_to_device
 from hvd_megdet.errors import UserError
 from hvd_megdet.evaluation import detections_to_coco, draw_detections, write_json, write_png
@@ -152,21 +152,12 @@ def run(checkpoint_path: str, inputs: list[str], output_dir: str | None, score_t
         raise checkpoint.CheckpointError(f"{ckpt} is not a checkpoint of this trainer (no config or model)")
     cfg = config.from_dict(state["config"], overrides)
     out, log = app.start(cfg, output_dir or ckpt.resolve().parent.parent / "predictions", write_config=False)
-    device = dist.select_device(cfg.train.device)
-    log.info("device: %s", dist.describe_device(device))
-    if cfg.train.threads_per_rank:
-        torch.set_num_threads(cfg.train.threads_per_rank)
+    device = startup.choose_device(cfg, log)
     num_labels = state["model"][CLASSIFIER_WEIGHT].shape[0] - 1
-    listing = None
-    if dist.is_main():  # one listing (and one annotation read) shared: every rank shards the same list
-        try:
-            listing = {"files": [str(f) for f in expand_inputs(inputs)],
-                       "categories": label_categories(state, cfg, num_labels)}
-        except InputNotFound as e:
-            listing = {"error": str(e)}
-    listing = dist.broadcast_object(listing, name="predict_inputs")
-    if "error" in listing:
-        raise InputNotFound(listing["error"])
+    # one listing (and one annotation read) shared: every rank shards the same list
+    listing = dist.root_decides(lambda: {"files": [str(f) for f in expand_inputs(inputs)],
+                                         "categories": label_categories(state, cfg, num_labels)},
+                                "predict_inputs", InputNotFound, catch=(InputNotFound,))
     files = [Path(f) for f in listing["files"]]
     names, cat_ids, source = listing["categories"]
     model = load_model(state, cfg, ckpt, num_labels, device)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hvd_megdet import dist, optim
+from hvd_megdet import dist, optim, rng
 from hvd_megdet.config import SolverConfig
 from hvd_megdet.model import TinyResNet
 from hvd_megdet.sync_bn import SyncBatchNorm, average_running_stats
@@ -232,7 +232,7 @@ def train(recipe: Recipe, log) -> tuple[dict, dict]:
     gradients averaged by hvd.DistributedOptimizer (hvd_megdet.optim)."""
     t0 = time.time()
     torch.set_num_threads(1)  # determinism and no oversubscription: one thread per rank
-    dist.seed_all(recipe.seed, per_rank=False)
+    rng.seed_all(recipe.seed)
     model = Classifier(recipe.widths, SyncBatchNorm)
     solver = SolverConfig(momentum=0.9, weight_decay=recipe.weight_decay, weight_decay_norm=0.0)
     opt = optim.build_optimizer(model, solver, lr_at(recipe, 0))

@@ -80,16 +80,19 @@ class SyncBatchNorm(_BatchNorm):
 
     ``group_size``: ranks per BN group (contiguous blocks); ``None`` = all ranks,
     1 = plain local BatchNorm (no communication). Groups other than 1 and the
-    whole world must be registered with ``hvd_megdet.dist.init(bn_group_size=k)``.
+    whole world must be registered with ``hvd_megdet.launch.init(bn_group_size=k)``.
+    ``process_set``: an explicit Horovod process set instead (tools: ``dist.global_set()``
+    runs the group path's real collectives even on one rank, to measure them).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, group_size: int | None = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, process_set=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
             raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
         self.group_size = group_size
+        self.process_set = process_set
         self._name = f"syncbn.{next(_layer_ids)}"
         self.last_group_count: torch.Tensor | None = None  # values per channel in the last group batch
 
@@ -109,7 +112,9 @@ class SyncBatchNorm(_BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         use_batch_stats = self.training or not self.track_running_stats
-        process_set = dist.bn_group(self.group_size) if use_batch_stats else None
+        process_set = None
+        if use_batch_stats:
+            process_set = self.process_set if self.process_set is not None else dist.bn_group(self.group_size)
         if not use_batch_stats or process_set is None:
             # Eval with running stats, a group of one rank, or a single process: plain BN.
             return self._local_bn(x)

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from hvd_megdet import app, checkpoint, config
-from hvd_megdet.engine import Trainer
+from hvd_megdet.engine import evaluate_checkpoint
 
 
 def main() -> int:
@@ -21,9 +21,7 @@ def main() -> int:
     state = checkpoint.load(ckpt)  # every rank: a missing or corrupt file fails everywhere alike
     cfg = config.from_dict(state["config"], args.overrides)
     out, log = app.start(cfg, args.output_dir or ckpt.resolve().parent.parent, write_config=False)
-    trainer = Trainer(cfg, out, log, training=False)  # no BN groups: any world size
-    trainer.load_checkpoint(ckpt, state)
-    trainer.evaluate()
+    evaluate_checkpoint(cfg, out, log, ckpt, state)  # no BN groups: any world size
     return 0
 
 

@@ -85,7 +85,7 @@ rm -f "$JSON"
 export HVD_MEGDET_CACHE=$WORK/cache PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 RECPY=python3                        # stdlib only: records even when torch/horovod are broken
 command -v "$RECPY" >/dev/null || RECPY=$REPO/.venv/bin/python
-STEP=$REPO/scripts/benchmark_gpu_step.py
+STEP=$REPO/scripts/experiments/benchmark_gpu_step.py
 
 STEPS="install facts syncbn allreduce_latency shapes_tiny shapes_tiny_amp shapes_tiny_amp_clip shapes_tiny_resume
 shapes_tiny_eval_only megdet_syncbn_fp32 megdet_syncbn_amp megdet_bn_fp32 megdet_bn_amp torchvision_peer_fp32

@@ -10,7 +10,7 @@ signals.stop_flag()  # before the heavy imports: a preemption signal during star
 import argparse  # noqa: E402
 
 from hvd_megdet import app, config, plan  # noqa: E402
-from hvd_megdet.engine import Trainer  # noqa: E402
+from hvd_megdet.engine import Trainer, evaluate_checkpoint  # noqa: E402
 
 
 def parse_args():
@@ -26,47 +26,25 @@ def parse_args():
     return p.parse_intermixed_args()  # options and overrides in any order
 
 
-def main(args) -> int:
-    cfg = config.load(args.config, args.overrides)
+def main(args, cfg) -> int:
     if args.plan:
         print(plan.describe(cfg, args.plan))
         return 0
     out, log = app.start(cfg, args.output_dir)
-    trainer = Trainer(cfg, out, log, training=not args.eval_only)
-    if args.resume or args.eval_only:
-        trainer.resume()
     if args.eval_only:
-        trainer.evaluate()
+        evaluate_checkpoint(cfg, out, log)  # the output dir's newest checkpoint, on any world size
         return 0
+    trainer = Trainer(cfg, out, log)
+    if args.resume:
+        trainer.resume()
     code = trainer.train()
     log.info("done: outputs in %s", out)
     return code
 
 
-def timeline(args) -> str:
-    """train.timeline, wanted by Horovod before hvd.init, hence before main() loads the config: a
-    config that does not load gives no timeline here, and main() reports it after hvd.init, with
-    the rank. --eval-only writes none (it would overwrite the training's)."""
-    try:
-        cfg = config.load(args.config, args.overrides)
-    except config.ConfigError:
-        return ""
-    return "" if args.eval_only else app.horovod_timeline(cfg, args.output_dir)
-
-
-def bn_groups(args, world: int) -> int | None:
-    """Ranks per training BN group on ``world`` ranks (None: none, or a config that main() will
-    report): registered as Horovod process sets before anything else happens."""
-    if args.eval_only:
-        return None
-    try:
-        cfg = config.load(args.config, args.overrides)
-        return plan.bn_groups(cfg.model, cfg.solver.images_per_rank, world).ranks
-    except config.ConfigError:
-        return None
-
-
 if __name__ == "__main__":
     ARGS = parse_args()
-    app.run(lambda: main(ARGS), init_horovod=ARGS.plan is None,  # --plan runs no job
-            timeline=lambda: timeline(ARGS), bn_groups=lambda world: bn_groups(ARGS, world))
+    # --plan runs no job; --eval-only needs no BN groups and writes no timeline (it would
+    # overwrite the training's)
+    app.run(lambda cfg: main(ARGS, cfg), load_config=lambda: config.load(ARGS.config, ARGS.overrides),
+            output_dir=ARGS.output_dir, training=not ARGS.eval_only, init_horovod=ARGS.plan is None)

@@ -4,52 +4,27 @@ A worker is a Python module run as ``python -m <module> --out DIR [args]`` under
 ``horovodrun -np N --gloo|--mpi``; each rank writes ``DIR/rank-<r>.json``.
 A job that fails, or does not finish within ``timeout`` seconds, becomes a test
 failure that carries the job's whole output (every rank's stdout/stderr).
+The environment and the launch are hvd_megdet.localjob's (shared with scripts/experiments).
 """
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-CONTROLLERS = ("gloo", "mpi")
+from hvd_megdet import localjob
+from hvd_megdet.localjob import BIN, CONTROLLERS, REPO, horovodrun as horovodrun_cmd  # noqa: F401 - for tests
 
-
-def launcher_env(threads: int = 1, extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env.update({
-        "PYTHONPATH": f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        "OMP_NUM_THREADS": str(threads),
-        # Open MPI refuses root without these; the container's ptrace rules break CMA.
-        "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
-        "OMPI_MCA_rmaps_base_oversubscribe": "1",
-    })
-    env.update(extra or {})
-    return env
-
-
-def horovodrun_cmd(np: int, controller: str, argv: list[str]) -> list[str]:
-    assert controller in CONTROLLERS, controller
-    return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", f"--{controller}", *argv]
+launcher_env = localjob.job_env
 
 
 def run(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own process group; kill the whole group on timeout."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env or launcher_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    """Run ``cmd`` in its own process group; a hang is a test failure carrying the output."""
     try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"TIMEOUT after {timeout}s (hang?): {' '.join(cmd)}\n--- output ---\n{out}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+        return localjob.run(cmd, timeout, env, cwd)
+    except localjob.JobTimeout as e:
+        raise AssertionError(f"{e}\n--- output ---\n{e.output}") from None
 
 
 def launch(module: str, np: int, controller: str, out_dir: Path, args: list[str] = (),

@@ -1,4 +1,4 @@
-"""scripts/reproduce_megdet.py --quick end to end (a tiny pretraining generated on first use, two real
+"""scripts/experiments/reproduce_megdet.py --quick end to end (a tiny pretraining generated on first use, two real
 tiny training cells from it, one made to diverge, the JSON with backbone and AP curves, the PNG,
 resuming), scripts/pretrain_backbone.py's determinism and its weights loaded by the detector through
 model.backbone_weights, and the full grid's design (axes, seeds, schedule, cost) without running it."""
@@ -12,7 +12,9 @@ import torch
 
 from tests.harness import REPO, horovodrun_cmd, launcher_env, run
 
-spec = importlib.util.spec_from_file_location("reproduce_megdet", REPO / "scripts/reproduce_megdet.py")
+EXPERIMENTS = REPO / "scripts" / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))  # their shared module, as when run from the command line
+spec = importlib.util.spec_from_file_location("reproduce_megdet", EXPERIMENTS / "reproduce_megdet.py")
 reproduce = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(reproduce)
 pretrain = reproduce.pretrain
@@ -94,7 +96,7 @@ def quick_grid(tmp_path_factory):
     """One --quick run with an empty cache: the backbone is pretrained first, under horovodrun."""
     out, cache = tmp_path_factory.mktemp("quick"), tmp_path_factory.mktemp("cache")
     env = launcher_env(extra={"HVD_MEGDET_CACHE": str(cache)})
-    cmd = [sys.executable, str(REPO / "scripts/reproduce_megdet.py"), "--quick", "--output-dir", str(out)]
+    cmd = [sys.executable, str(EXPERIMENTS / "reproduce_megdet.py"), "--quick", "--output-dir", str(out)]
     res = run(cmd, timeout=600, env=env)
     assert res.returncode == 0, res.stdout
     assert "pretraining the backbone" in res.stdout
@@ -170,9 +172,9 @@ def test_pretraining_deterministic_and_loads(quick_grid, tmp_path):
 
 
 def test_bn_noise_statistic():
-    """scripts/bn_noise.py's r against the construction: x = a_image + e with sd(a) = 0.6, sd(e) = 0.8,
+    """scripts/experiments/bn_noise.py's r against the construction: x = a_image + e with sd(a) = 0.6, sd(e) = 0.8,
     so r = 0.6 / sqrt(0.6^2 + 0.8^2) = 0.6 in channel 0; channel 1 has no between-image part."""
-    spec = importlib.util.spec_from_file_location("bn_noise", REPO / "scripts/bn_noise.py")
+    spec = importlib.util.spec_from_file_location("bn_noise", EXPERIMENTS / "bn_noise.py")
     bn_noise = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bn_noise)
     g = torch.Generator().manual_seed(0)

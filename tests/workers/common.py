@@ -9,7 +9,7 @@ from hvd_megdet import dist
 
 
 def main(run_checks, extra_args=()) -> None:
-    """``run_checks(args) -> dict`` runs after ``dist.init`` is left to it; result saved per rank."""
+    """``run_checks(args) -> dict`` runs after ``launch.init`` is left to it; result saved per rank."""
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     for a in extra_args:

@@ -1,29 +1,57 @@
 """Collectives through hvd_megdet.dist on N ranks (launched by tests/test_dist.py)."""
+import sys
+
 import torch
 
-from hvd_megdet import dist
+from hvd_megdet import dist, launch
+from hvd_megdet.device import DeviceError, select_device
 from tests.workers.common import main
 
 
+def hang_checks(what: str) -> dict:
+    """Rank 1 stops before collective ``what``; both watchdogs fire: rank 0's names ``what`` (it
+    waits in it), rank 1's says it is stuck outside any collective."""
+    import logging
+    import time
+
+    from hvd_megdet.watchdog import Watchdog
+
+    log = logging.getLogger("hang_checks")
+    log.addHandler(logging.StreamHandler(sys.stdout))
+    Watchdog(3.0, log)
+    if dist.rank() == 1:
+        time.sleep(120)
+    model = torch.nn.Linear(4, 2)
+    calls = {"broadcast_parameters": lambda: dist.broadcast_parameters(model.state_dict()),
+             "broadcast_optimizer_state": lambda: dist.broadcast_optimizer_state(torch.optim.SGD(model.parameters(), 0.1)),
+             "average_scalars": lambda: dist.average_scalars({"x": 1.0})}
+    calls[what]()
+    time.sleep(120)  # not reached: the collective never completes
+    return {}
+
+
 def checks(args):
+    if args.hang_in:
+        launch.init()
+        return hang_checks(args.hang_in)
     if args.raise_on_rank is not None:
-        dist.init()
+        launch.init()
         if dist.rank() == int(args.raise_on_rank):
             raise RuntimeError(f"deliberate failure on rank {dist.rank()}")
         # The other ranks wait in a collective the failed rank never joins.
         dist.allreduce(torch.ones(3), name="never_completes")
         return {}
-    dist.init()
+    launch.init()
     groups = [2] if dist.size() == 4 else []
-    dist.init(bn_group_size=groups)  # BN groups registered after init (Horovod restarted with them)
+    launch.init(bn_group_size=groups)  # BN groups registered after init (Horovod restarted with them)
     r, n = dist.rank(), dist.size()
     try:  # this machine has no GPU: train.device=cuda is refused on every rank, before any collective
-        dist.select_device("cuda")
+        select_device("cuda")
         out = {"cuda": "no error"}
-    except dist.DeviceError as e:
+    except DeviceError as e:
         out = {"cuda": str(e)}
-    dist.select_device("auto")
-    out.update({"rank": r, "size": n, "controller": dist.controller(), "env": dist.environment()})
+    out["device"] = str(select_device("auto"))
+    out.update({"rank": r, "size": n, "controller": launch.controller(), "env": launch.environment()})
     out["sum"] = dist.allreduce(torch.tensor([float(r), 1.0]), op=dist.Sum, name="s").tolist()
     out["avg"] = dist.allreduce(torch.tensor([float(r)]), op=dist.Average, name="a").tolist()
     out["gathered"] = dist.allgather_object({"r": r, "sq": r * r})
@@ -44,4 +72,4 @@ def checks(args):
 
 
 if __name__ == "__main__":
-    main(checks, extra_args=["--raise-on-rank"])
+    main(checks, extra_args=["--raise-on-rank", "--hang-in"])

@@ -6,7 +6,7 @@ import pickle
 
 import numpy as np
 
-from hvd_megdet import dist
+from hvd_megdet import dist, launch
 from tests.workers.common import main
 
 
@@ -28,9 +28,9 @@ def summary(parts):
 
 
 def checks(args):
-    dist.init()
+    launch.init()
     r, n = dist.rank(), dist.size()
-    return {"rank": r, "size": n, "controller": dist.controller(),
+    return {"rank": r, "size": n, "controller": launch.controller(),
             "to_0": summary(dist.gather_object(payload(r), root=0, name="to_0")),
             "to_last": summary(dist.gather_object(payload(r), root=n - 1, name="to_last")),
             "default_name_1": dist.gather_object(r),       # the same default name, twice in a row

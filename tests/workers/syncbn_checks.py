@@ -9,7 +9,7 @@ import torch
 import horovod.torch as hvd
 from torch import nn
 
-from hvd_megdet import dist
+from hvd_megdet import dist, launch
 from hvd_megdet.sync_bn import SyncBatchNorm, average_running_stats, check_group_counts, convert_sync_batchnorm
 from tests.workers.common import main
 
@@ -107,19 +107,19 @@ def naive_variance_error(mean, std):
 
 
 def checks(args):
-    dist.init()
+    launch.init()
     n = dist.size()
     out = {"size": n}
     # A group size that does not divide the world: the same clear error on every rank, before any collective.
     bad = n + 1 if n > 1 else None
     if bad:
         try:
-            dist.init(bn_group_size=bad)
+            launch.init(bn_group_size=bad)
             out["bad_group_error"] = None
         except dist.DistError as e:
             out["bad_group_error"] = str(e)
     groups = [None] + ([2] if n == 4 else [])
-    dist.init(bn_group_size=[k for k in groups if k])
+    launch.init(bn_group_size=[k for k in groups if k])
     count_collectives()
     cases = {}
     uneven = [1, 3, 2, 4][:n] if n > 1 else [3]

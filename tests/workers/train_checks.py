@@ -124,8 +124,8 @@ MODES = {"resume": resume_checks, "groups": group_checks, "host_reads": host_rea
 
 
 def checks(args):
-    dist.init()
     cfg = config.load("shapes_tiny", json.loads(args.overrides))
+    app.start_horovod(cfg, training=True)  # the training BN groups, as scripts/train.py
     torch.manual_seed(0)
     return MODES[args.mode](cfg, Path(args.out))
 

@@ -3,7 +3,7 @@
 train2017): parsing it with pycocotools, the per-rank check of every image file that each rank
 used to make (serial stats), and the check that replaces it, made once on rank 0 in threads.
 
-    python scripts/benchmark_startup.py [--images 118287] [--workdir /tmp/hvd_megdet_startup] [--quick]
+    python scripts/experiments/benchmark_startup.py [--images 118287] [--workdir /tmp/hvd_megdet_startup] [--quick]
 
 Prints a table and writes benchmarks/startup.json. The image files are empty placeholders: only
 their existence is checked at startup (images are read later by the DataLoader).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hvd_megdet.data.coco import CocoDetection
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO
 
 
 def generate(root: Path, n: int) -> Path:

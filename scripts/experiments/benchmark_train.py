@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput of the real trainer on CPU ranks (one thread each).
 
-    python scripts/benchmark_train.py [--iters 60] [--output benchmarks/train.json]
+    python scripts/experiments/benchmark_train.py [--iters 60] [--output benchmarks/train.json]
 
 Runs shapes_tiny under ``horovodrun -np 1`` and ``-np 2`` (MPI controller), times
 ``--iters`` iterations after a warm-up, and reports images/s and the scaling efficiency
@@ -13,27 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, horovodrun
 
 
 def worker(out: str, iters: int, warmup: int, r50: bool) -> None:
     from hvd_megdet import app, config, dist
     from hvd_megdet.engine import Trainer
 
-    dist.init()
     tmp = Path(out).parent
     result = {}
     # the demo's model and data; a long schedule so that the timed window sits at full lr
     cfg = config.load("shapes_tiny", ["solver.max_iter=100000", "solver.steps=[90000]",
                                       "solver.scale_schedule=false", "train.checkpoint_period=100000",
                                       "train.log_period=100000"])
+    app.start_horovod(cfg, training=True)
     run_dir, log = app.start(cfg, tmp / f"tiny-np{dist.size()}")
     t = Trainer(cfg, run_dir, log)
     t.train(until_images=warmup * t.sched.global_batch)
@@ -50,6 +47,7 @@ def worker(out: str, iters: int, warmup: int, r50: bool) -> None:
             "data.train_annotations=annotations/instances_train.json",
             "data.val_annotations=annotations/instances_val.json", "data.min_size=256", "data.max_size=256",
             "data.workers=0", "model.bn_group_size=0", "train.checkpoint_period=100000", "train.log_period=1"])
+        app.start_horovod(cfg, training=True)
         run_dir, log = app.start(cfg, tmp / "r50")
         t = Trainer(cfg, run_dir, log)
         times = []
@@ -77,11 +75,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for np_ in (1, 2):
             out = Path(tmp) / f"np{np_}.json"
-            cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}",
-                   "--mpi", sys.executable, __file__, "--worker", str(out), "--iters", str(args.iters),
-                   "--warmup", str(args.warmup)] + (["--r50"] if np_ == 1 else [])
-            subprocess.run(cmd, check=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                           stdout=subprocess.DEVNULL)
+            horovodrun(np_, [__file__, "--worker", out, "--iters", args.iters, "--warmup", args.warmup]
+                       + (["--r50"] if np_ == 1 else []), timeout=1800)
             results[np_] = json.loads(out.read_text())
     one, two = results[1]["tiny"]["images_per_s"], results[2]["tiny"]["images_per_s"]
     report = {"shapes_tiny": {"np1_images_per_s": one, "np2_images_per_s": two,

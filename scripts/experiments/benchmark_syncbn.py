@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """SyncBN cost on 2 CPU ranks: local BatchNorm2d vs SyncBatchNorm vs the bare allreduce floor.
 
-    python scripts/benchmark_syncbn.py [--output benchmarks/syncbn.json] [--iters 10]
+    python scripts/experiments/benchmark_syncbn.py [--output benchmarks/syncbn.json] [--iters 10]
 
 For the BN layer shapes of a ResNet-50 (all 53 layers, 64 px input, 2 images per
 rank) and of the tiny demo backbone (128 px, 4 images per rank), it times one
@@ -14,54 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, horovodrun, layer_shapes, median_ms, timed
+
 SETTINGS = [("mpi", "1"), ("mpi", "0.1"), ("gloo", "1"), ("gloo", "0.1")]
-
-
-def layer_shapes(model_name: str, image_hw: tuple[int, int] | None = None, device: str = "cpu"):
-    """(N, C, H, W) of every BN layer's input, from hooks on one forward. ``image_hw`` replaces the
-    default input size; ``device="meta"`` gives the shapes without computing anything."""
-    import torch
-    from torch import nn
-
-    from hvd_megdet import config
-    from hvd_megdet.model import build_backbone
-
-    shapes = []
-    if model_name == "resnet50":
-        import torchvision
-        model, x = torchvision.models.resnet50(weights=None), torch.randn(2, 3, *(image_hw or (64, 64)))
-    else:
-        m = config.load("shapes_tiny").model
-        model = build_backbone(type(m)(**{**m.__dict__, "norm": "bn"})).body
-        x = torch.randn(4, 3, *(image_hw or (128, 128)))
-    model, x = model.to(device), x.to(device)
-    for mod in model.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(inp[0].shape)))
-    with torch.no_grad():
-        model(x)
-    return shapes
 
 
 def worker(iters: int, out: str) -> None:
     import torch
-    import horovod.torch as hvd
     from torch import nn
 
-    from hvd_megdet import dist
+    from hvd_megdet import dist, launch
     from hvd_megdet.sync_bn import SyncBatchNorm
 
     torch.set_num_threads(1)
-    dist.init()
+    launch.init()
     result = {}
     for model_name in ("resnet50", "tiny"):
         shapes = layer_shapes(model_name)
@@ -79,22 +48,16 @@ def worker(iters: int, out: str) -> None:
 
         def floor_pass():
             for i, (f, b) in enumerate(zip(fwd, bwd)):
-                hvd.allreduce(f, op=hvd.Sum, name=f"floor.{i}.f")
-                hvd.allreduce(b, op=hvd.Sum, name=f"floor.{i}.b")
+                dist.allreduce(f, op=dist.Sum, name=f"floor.{i}.f")
+                dist.allreduce(b, op=dist.Sum, name=f"floor.{i}.b")
 
         timings = {}
         for name, fn in (("local_bn", lambda: bn_pass(local)), ("sync_bn", lambda: bn_pass(sync)),
                          ("floor", floor_pass)):
-            samples = []
-            for k in range(iters + 3):
-                dist.barrier()
-                t = time.perf_counter()
-                fn()
-                if k >= 3:
-                    samples.append(time.perf_counter() - t)
+            samples = timed(fn, iters, warmup=3, before=dist.barrier)
             # the slower rank bounds the step: take the max over ranks of each median
-            timings[name] = max(dist.allgather_object(statistics.median(samples)))
-        result[model_name] = {"layers": len(shapes), **{k: v * 1e3 for k, v in timings.items()}}
+            timings[name] = max(dist.allgather_object(median_ms(samples)))
+        result[model_name] = {"layers": len(shapes), **timings}
     if dist.rank() == 0:
         Path(out).write_text(json.dumps(result))
 
@@ -110,10 +73,8 @@ def main() -> None:
     rows = []
     for controller, cycle in SETTINGS:
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            env = {**os.environ, "HOROVOD_CYCLE_TIME": cycle, "OMP_NUM_THREADS": "1"}
-            cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", "2", "-H", "localhost:2",
-                   f"--{controller}", sys.executable, __file__, "--iters", str(args.iters), "--worker", tmp.name]
-            subprocess.run(cmd, env=env, check=True, timeout=900, stdout=subprocess.DEVNULL)
+            horovodrun(2, [__file__, "--iters", args.iters, "--worker", tmp.name], controller,
+                       env={"HOROVOD_CYCLE_TIME": cycle})
             res = json.loads(Path(tmp.name).read_text())
         for model_name, r in res.items():
             overhead = r["sync_bn"] - r["local_bn"]

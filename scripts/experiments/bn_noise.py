@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """How noisy is a BN statistic over k images of the miniature? MegDet's BN-size finding rests on it.
-    python scripts/bn_noise.py [--images 400] [--output benchmarks/megdet_bn_noise.json]
+    python scripts/experiments/bn_noise.py [--images 400] [--output benchmarks/megdet_bn_noise.json]
 For every BatchNorm of the pretrained backbone (the one the grid starts from), on the detector's own
 input (the shapes training images through the model's transform): per channel, the share of the
 feature's standard deviation that lies BETWEEN images, r = sd_i(per-image mean) / sd(all values).
@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
+from common import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from hvd_megdet import config, data, model as model_lib, pretrain  # noqa: E402
-from hvd_megdet.data.transforms import image_to_device  # noqa: E402
+from hvd_megdet import config, data, model as model_lib, pretrain
+from hvd_megdet.data.transforms import image_to_device
 
 
 def between_image_share(means: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
@@ -39,7 +37,7 @@ def main(argv=None) -> int:
     folder = pretrain.weights_dir(pretrain.DEFAULT, 2)
     info = pretrain.read_info(folder)
     if info is None:
-        print(f"no pretrained backbone in {folder}: run scripts/reproduce_megdet.py (or pretrain_backbone.py) first",
+        print(f"no pretrained backbone in {folder}: run scripts/experiments/reproduce_megdet.py (or scripts/pretrain_backbone.py) first",
               file=sys.stderr)
         return 2
     # no random flips: the same figures on every run

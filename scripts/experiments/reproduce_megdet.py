@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """MegDet's findings in miniature, in the paper's regime: a grid of real training jobs on the embedded shapes data.
 
-    python scripts/reproduce_megdet.py [--output-dir outputs/megdet_miniature] [--cells NAME ...]
-    python scripts/reproduce_megdet.py --pilot      # the baseline alone, evaluated every 320 images
-    python scripts/reproduce_megdet.py --list       # the cells and their estimated wall time, nothing run
-    python scripts/reproduce_megdet.py --quick      # two tiny cells (a test of the script)
+    python scripts/experiments/reproduce_megdet.py [--output-dir outputs/megdet_miniature] [--cells NAME ...]
+    python scripts/experiments/reproduce_megdet.py --pilot   # the baseline alone, evaluated every 320 images
+    python scripts/experiments/reproduce_megdet.py --list    # the cells and their estimated wall time, nothing run
+    python scripts/experiments/reproduce_megdet.py --quick   # two tiny cells (a test of the script)
 
 The regime (MegDet fine-tunes an ImageNet-pretrained ResNet-50 for ~12-16 COCO epochs):
 
@@ -32,7 +32,7 @@ A BN statistic over k images is the same function whatever the split of those k 
 (SyncBN equals BatchNorm on the concatenated batch, tests/test_sync_bn.py): only BN size 2 needs 2
 images per rank; the others keep 4 per rank, which costs 2-4x less per image here.
 
-Cost (--list; model below, from DESIGN.md's and the committed grid's throughputs): 21 cells, about
+Cost (--list; model below, from the throughputs in README "Benchmarks" and the committed grid's): 21 cells, about
 2.2 h on this 2-core machine, plus the backbone's pretraining (~5 min) on first use; the pilot ~7 min.
 
 A cell diverged if it stopped on a non-finite loss or its loss rose above 3x its first logged value.
@@ -48,17 +48,13 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-BIN = Path(sys.executable).parent
+from common import REPO, read_jsonl
 
-from hvd_megdet import pretrain  # noqa: E402
+from hvd_megdet import config, localjob, plan, pretrain
 
 REFERENCE = 8            # the batch that the base lr is given for (the demo's 2 ranks x 4 images)
 BASELINE = "cgbn_b8"
@@ -76,13 +72,13 @@ PILOT_EVAL_PERIOD = 320
 QUICK = {"images": 160, "eval_period": 80, "train_images": 64}
 
 # --- cost model: images/s of training, one thread per rank, this 2-core machine -----------------
-# >= 4 images per rank, by ranks: np1 benchmarks/train.json (19.7); np2 the demo (DESIGN.md, ~34);
+# >= 4 images per rank, by ranks: np1 benchmarks/train.json (19.7); np2 the demo (README "Benchmarks", ~34);
 # np4 / np8 the committed 4000-image grid (cgbn_b16 120 s, cgbn_b32 133 s with start-up and
 # evaluation: 33 / 30 gross); np16 extrapolated.
 RATE_4 = {1: 19.7, 2: 34.0, 4: 33.0, 8: 30.0, 16: 28.0}
-# 1 image per rank (DESIGN.md: 6.6 / 9.1 / 8.3 / 11.5, 20 iterations with warm-up): 3-5x the cost.
+# 1 image per rank (README "Benchmarks": 6.6 / 9.1 / 8.3 / 11.5, 20 iterations with warm-up): 3-5x the cost.
 RATE_1 = {2: 6.6, 4: 9.1, 8: 8.3, 16: 11.5}
-FROZEN_SPEEDUP = 53 / 49  # DESIGN.md: frozen BN 53 vs SyncBN 49 images/s
+FROZEN_SPEEDUP = 53 / 49  # README "Benchmarks": frozen BN 53 vs SyncBN 49 images/s
 START_S, EVAL_S = 20.0, 3.0  # launch + set-up of a cell; one evaluation of 100 val images
 
 
@@ -162,35 +158,22 @@ def diverged(records: list[dict], crashed_nonfinite: bool) -> bool:
 
 
 def ap_curve(out: Path) -> list[list[float]]:
-    """[images seen, AP, AP50] of every evaluation, from the run's TensorBoard scalars."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    if not (out / "tensorboard").is_dir():
-        return []
-    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
-    ea.Reload()
-    if "eval/AP" not in ea.Tags()["scalars"]:
-        return []
-    ap50 = {e.step: e.value for e in ea.Scalars("eval/AP50")}
-    return [[e.step, round(e.value, 5), round(ap50.get(e.step, float("nan")), 5)] for e in ea.Scalars("eval/AP")]
+    """[images seen, AP, AP50] of every evaluation, from the run's eval/history.jsonl."""
+    return [[e["images_seen"], round(e["AP"], 5), round(e["AP50"], 5)] for e in read_jsonl(out / "eval" / "history.jsonl")]
 
 
-def launcher_env(threads: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "OMPI_MCA_rmaps_base_oversubscribe": "1",
-            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-            "OMPI_MCA_btl_vader_single_copy_mechanism": "none", "PYTHONPATH": str(REPO),
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+def cell_plan(c: dict, ov: list[str]) -> plan.Plan:
+    """What the engine trains for this cell's command line (schedule in images, lr after scaling)."""
+    return plan.resolve(config.load("shapes_tiny", ov), c["ranks"])
 
 
 def run_job(cmd: list[str], env: dict, limit_s: float) -> tuple[int | str, str]:
     """(exit code or 'timeout', output); a job past its limit is killed with all its ranks."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=limit_s)
-        return proc.returncode, out
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        return "timeout", proc.communicate()[0]
+        res = localjob.run(cmd, limit_s, env)
+        return res.returncode, res.stdout
+    except localjob.JobTimeout as e:
+        return "timeout", e.output
 
 
 def cell_key(c: dict, ov: list[str]) -> str:
@@ -222,25 +205,25 @@ def run_cell(c: dict, recipe: dict, backbone: dict, out_root: Path, limit_s: flo
     out.mkdir(parents=True)
     threads = max(1, (os.cpu_count() or 1) // c["ranks"])  # np 1 may use every core
     ov = overrides(c, recipe, backbone["path"]) + extra + [f"train.threads_per_rank={threads}"]
-    cmd = [str(BIN / "horovodrun"), "-np", str(c["ranks"]), "-H", f"localhost:{c['ranks']}", "--mpi",
-           sys.executable, str(REPO / "scripts/train.py"), "--config", "shapes_tiny", "--output-dir", str(out), *ov]
+    cmd = localjob.horovodrun(c["ranks"], "mpi", [sys.executable, str(REPO / "scripts/train.py"), "--config",
+                                                  "shapes_tiny", "--output-dir", str(out), *ov])
     est = estimate_s(c, recipe)
     limit = limit_s or max(300.0, 3 * est)
     print(f"-- {c['name']}: {c['ranks']} ranks x {c['images_per_rank']} images, {c['norm']}, BN size "
           f"{c['bn_size'] or '-'}, lr x{c['lr_scale']}, warmup {c['warmup']}, seed {c['seed']} "
           f"(estimate {est:.0f} s, limit {limit:.0f} s)", flush=True)
     t0 = time.time()
-    code, text = run_job(cmd, launcher_env(threads), limit)
+    code, text = run_job(cmd, localjob.job_env(threads), limit)
     wall = time.time() - t0
     (out / "launcher.log").write_text(text or "")
     metrics_file = out / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
+    records = read_jsonl(metrics_file)
     ev = out / "eval" / "metrics.json"
     m = json.loads(ev.read_text()) if ev.is_file() and code == 0 else {}
-    _, steps, warmup = schedule(c, recipe)
+    sched = cell_plan(c, ov).schedule
     result = {**c, "config": "shapes_tiny", "overrides": ov, "key": cell_key(c, ov),
-              "lr": recipe["base_lr"] * c["lr_scale"] * c["mini_batch"] / REFERENCE, "images": recipe["images"],
-              "warmup_images": warmup * REFERENCE, "decay_images": [s * REFERENCE for s in steps],
+              "lr": sched.lr, "images": sched.total_images,
+              "warmup_images": sched.warmup_images, "decay_images": list(sched.step_images),
               "eval_period_images": recipe["eval_period"], "iterations": records[-1]["iteration"] if records else 0,
               "exit": code, "AP": m.get("AP", 0.0), "AP50": m.get("AP50", 0.0),
               "diverged": diverged(records, "NonFiniteLoss" in (text or "")),
@@ -267,9 +250,9 @@ def ensure_backbone(quick: bool) -> dict:
     info = pretrain.read_info(folder)
     if info is None:
         print(f"-- pretraining the backbone on {PRETRAIN_RANKS} ranks into {folder}", flush=True)
-        cmd = [str(BIN / "horovodrun"), "-np", str(PRETRAIN_RANKS), "-H", f"localhost:{PRETRAIN_RANKS}", "--mpi",
-               sys.executable, str(REPO / "scripts/pretrain_backbone.py")] + (["--quick"] if quick else [])
-        code, text = run_job(cmd, launcher_env(1), 600 if quick else 3600)
+        cmd = localjob.horovodrun(PRETRAIN_RANKS, "mpi", [sys.executable, str(REPO / "scripts/pretrain_backbone.py")]
+                                  + (["--quick"] if quick else []))
+        code, text = run_job(cmd, localjob.job_env(1), 600 if quick else 3600)
         info = pretrain.read_info(folder)
         if code != 0 or info is None:
             print(text, f"\npretraining failed (exit {code})", file=sys.stderr, flush=True)
@@ -437,7 +420,8 @@ def main() -> int:
         for c in cells:
             print(f"{c['name']:26} {c['ranks']:2d} ranks x {c['images_per_rank']} images  {c['norm']:6}  BN size "
                   f"{c['bn_size']:2d}  lr x{c['lr_scale']:<4} warmup {str(c['warmup']):5}  "
-                  f"{args.images // c['mini_batch']:5d} iterations  ~{estimate_s(c, recipe):4.0f} s")
+                  f"{cell_plan(c, overrides(c, recipe, '')).schedule.max_iter:5d} iterations  "
+                  f"~{estimate_s(c, recipe):4.0f} s")
         total = sum(estimate_s(c, recipe) for c in cells)
         print(f"{len(cells)} cells, {args.images} images each: ~{total:.0f} s = {total / 3600:.2f} h "
               f"(+ the backbone's pretraining on first use)")

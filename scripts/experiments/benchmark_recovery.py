@@ -2,9 +2,10 @@
 """What a failure costs: a rank killed (or hung) mid-training on 2 CPU ranks, recovered by the
 horovodrun supervisor (Gloo and MPI) and by the SLURM template on a throwaway local cluster.
 
-    python scripts/benchmark_recovery.py [--no-slurm] [--output benchmarks/recovery.json]
+    python scripts/experiments/benchmark_recovery.py [--no-slurm] [--output benchmarks/recovery.json]
 
-For each case it reads the ranks' logs and prints/saves:
+For each case it reads the run's records (the fault's log line, runs.jsonl, metrics.jsonl) and
+prints/saves:
   detect_s   the fault (a rank SIGKILLed, or starting to hang) -> the attempt has ended
   restart_s  the attempt has ended -> the first iteration of the relaunched job
   total_s    the fault -> the first new iteration
@@ -15,7 +16,6 @@ watchdog at 12 s): the restart figures are start-up costs that a large model pay
 import argparse
 import datetime as dt
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,8 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from common import REPO, read_jsonl
+
+from hvd_megdet.localjob import job_env
+
 SMALL = ["data.shapes_train=64", "data.shapes_val=16", "data.shapes_image_size=96", "data.min_size=96",
          "data.max_size=96", "solver.images_per_rank=2", "solver.reference_batch=4", "solver.max_iter=24",
          "solver.steps=[20]", "solver.warmup_iters=2", "train.log_period=1", "train.checkpoint_period=4",
@@ -37,19 +39,12 @@ def stamp(line: str) -> float:
     return dt.datetime.strptime(_TS.match(line)[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
-def env() -> dict:
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-            "OMPI_MCA_btl_vader_single_copy_mechanism": "none", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
-
-
 def measure(out: Path, ended: float) -> dict:
     fault_line = next(line for r in (0, 1) for line in (out / "logs" / f"rank-{r:05d}.log").read_text().splitlines()
                       if "FAULT injected" in line)
     t_fault = stamp(fault_line)
-    log0 = (out / "logs" / "rank-00000.log").read_text().splitlines()
-    resumed = next(int(m[1]) for line in log0 if (m := re.search(r"resumed from .* iteration (\d+) of", line)))
-    t_first = min(stamp(line) for line in log0 if re.search(r"INFO hvd_megdet: iter \d+/", line) and stamp(line) > ended)
+    resumed = next(r["iteration"] for r in read_jsonl(out / "runs.jsonl") if r.get("resumed_from"))
+    t_first = min(r["time"] for r in read_jsonl(out / "metrics.jsonl") if r["time"] > ended)  # log_period 1
     return {"detect_s": round(ended - t_fault, 2), "restart_s": round(t_first - ended, 2),
             "total_s": round(t_first - t_fault, 2), "redone": FAULT_AT - resumed}
 
@@ -58,7 +53,7 @@ def supervisor(kind: str, controller: str, work: Path) -> dict:
     out = work / f"run-{kind}-{controller}"
     cmd = [sys.executable, str(REPO / "scripts/run.py"), "-np", "2", f"--{controller}", "--",
            "--output-dir", str(out), f"data.root={work}/shapes", *SMALL]
-    res = subprocess.run(cmd, env={**env(), "HVD_MEGDET_FAULT": f"rank:1,iter:{FAULT_AT},kind:{kind}"},
+    res = subprocess.run(cmd, env={**job_env(), "HVD_MEGDET_FAULT": f"rank:1,iter:{FAULT_AT},kind:{kind}"},
                          capture_output=True, text=True, timeout=600)
     summary = [json.loads(line.strip()) for line in res.stdout.splitlines() if line.startswith("   {")]
     assert res.returncode == 0 and [s["class"] for s in summary] == ["crash", "done"], res.stdout[-3000:]
@@ -69,7 +64,7 @@ def slurm(work: Path) -> dict:
     cluster = work / "slurm"
     subprocess.run(["bash", str(REPO / "scripts/local_slurm.sh"), "start", str(cluster)], check=True,
                    capture_output=True, timeout=120)
-    e = {**env(), "SLURM_CONF": str(cluster / "slurm.conf"), "REPO": str(REPO)}
+    e = {**job_env(), "SLURM_CONF": str(cluster / "slurm.conf"), "REPO": str(REPO)}
     out = work / "run-slurm"
     try:
         job = subprocess.run(["bash", str(REPO / "slurm/smoke.sh"), "--parsable", f"--chdir={work}",

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The measuring steps of scripts/gpu_check.sh, one subcommand each; every one writes its figures
-as JSON to ``--out`` (read by ``record``, which files them into gpu.json).
+as JSON to ``--out`` (read by ``record``, which files them into gpu.json). Run by gpu_check.sh as
+``python scripts/experiments/benchmark_gpu_step.py SUBCOMMAND ...``.
 
     benchmark_gpu_step.py record --json gpu.json --step NAME --rc RC --seconds S [--figures F] [--log L]
     benchmark_gpu_step.py meta --json gpu.json --set JSON | setup-figures --json gpu.json --log SETUP_LOG
@@ -11,15 +12,15 @@ as JSON to ``--out`` (read by ``record``, which files them into gpu.json).
     benchmark_gpu_step.py peer       --out F --output-dir DIR [--iters 30] [--amp] [key=value ...]
     benchmark_gpu_step.py run-figures --out F --output-dir DIR
 
-All of them run on CUDA where it is usable, else on the CPU (gpu_check.sh --rehearse). At np=1:
-``syncbn`` forces SyncBatchNorm's group path (see ``group_path_forced``), ``train`` runs the
-project's Trainer in this process (for peak memory), ``peer`` runs torchvision's own
-fasterrcnn_resnet50_fpn training step on the same images.
+All of them run on the device the project's ``train.device=auto`` picks (CUDA where usable, else
+the CPU: gpu_check.sh --rehearse). At np=1: ``syncbn`` runs SyncBatchNorm's group path with real
+Horovod collectives (an explicit ``dist.global_set()``), ``train`` runs the project's Trainer in
+this process (for peak memory), ``peer`` runs torchvision's own fasterrcnn_resnet50_fpn training
+step on the same images.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -29,8 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+from common import layer_shapes, median_ms, read_jsonl, timed
 
 
 def write_json(path, obj) -> None:
@@ -102,8 +102,9 @@ def setup_figures(args) -> None:
 # --- shared helpers -----------------------------------------------------------
 
 def device():
-    import torch
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """This process's device, as the trainer's ``train.device=auto`` chooses it."""
+    from hvd_megdet.device import select_device
+    return select_device("auto")
 
 
 def sync(dev) -> None:
@@ -121,10 +122,6 @@ def reset_peak(dev) -> None:
 def peak_gib(dev) -> float | None:
     import torch
     return round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None
-
-
-def median_ms(samples) -> float:
-    return round(1e3 * statistics.median(samples), 3)
 
 
 def set_device_override(overrides: list[str], dev) -> list[str]:
@@ -160,35 +157,18 @@ def facts(args) -> dict:
             capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired) as e:
         f["nvidia_smi"] = f"unavailable: {e}"
-    import horovod
-    import horovod.torch as hvd
-    f.update(horovod=horovod.__version__, nccl_built=int(hvd.nccl_built()), mpi_built=bool(hvd.mpi_built()),
-             gloo_built=bool(hvd.gloo_built()), cuda_built=bool(hvd.cuda_built()))
+    from hvd_megdet import dist, launch
+    f.update(launch.build_facts())
     horovodrun = Path(sys.executable).parent / "horovodrun"
     if horovodrun.exists():
         out = subprocess.run([str(horovodrun), "--check-build"], capture_output=True, text=True, timeout=120)
         f["check_build"] = out.stdout.strip().splitlines()
-    from hvd_megdet import dist
-    dist.init()
-    f.update(controller=dist.controller(), size=dist.size())
+    launch.init()
+    f.update(controller=launch.controller(), size=dist.size())
     return f
 
 
 # --- SyncBN vs BatchNorm2d ----------------------------------------------------
-
-@contextlib.contextmanager
-def group_path_forced():
-    """SyncBatchNorm's group path at np=1: ``dist.size()`` reports 2 ranks, so ``bn_group()``
-    returns Horovod's global process set and ``dist.allreduce`` really calls ``hvd.allreduce``
-    (over this one rank, so the sums, hence the results, are those of one process)."""
-    from hvd_megdet import dist
-    real = dist.size
-    dist.size = lambda: 2
-    try:
-        yield
-    finally:
-        dist.size = real
-
 
 def syncbn(args) -> dict:
     """ResNet-50's 53 BN layers (input shapes of 2 images of ``--image``): one forward+backward over
@@ -198,11 +178,10 @@ def syncbn(args) -> dict:
     import torch
     from torch import nn
 
-    from benchmark_syncbn import layer_shapes
-    from hvd_megdet import dist
+    from hvd_megdet import launch
     from hvd_megdet.sync_bn import SyncBatchNorm
 
-    dist.init()
+    launch.init()
     dev = device()
     h, w = (int(v) for v in args.image.split("x"))
     shapes = layer_shapes("resnet50", (h, w), device="meta")[:args.layers or None]
@@ -223,13 +202,17 @@ def syncbn(args) -> dict:
 
 
 def _bn_compare(shapes, dtype, dev, iters, nn, SyncBatchNorm) -> dict:
+    """SyncBatchNorm's group path over Horovod's global set (real collectives, over this one rank:
+    the sums, hence the results, are those of one process) against nn.BatchNorm2d."""
     import torch
+
+    from hvd_megdet import dist
     autocast = dtype != torch.float32
     # |mean|/std ~ 2 like real activations after a ReLU; weights and biases away from 1/0
     xs = [(torch.randn(s, device=dev) + 2.0).to(dtype).requires_grad_() for s in shapes]
     gs = [torch.randn(s, device=dev).to(dtype) for s in shapes]
     layers = {"bn": [nn.BatchNorm2d(s[1]).to(dev) for s in shapes],
-              "syncbn": [SyncBatchNorm(s[1]).to(dev) for s in shapes]}
+              "syncbn": [SyncBatchNorm(s[1], process_set=dist.global_set()).to(dev) for s in shapes]}
     with torch.no_grad():
         for a, b in zip(*layers.values()):
             a.weight.uniform_(0.5, 1.5)
@@ -249,32 +232,24 @@ def _bn_compare(shapes, dtype, dev, iters, nn, SyncBatchNorm) -> dict:
         return outs
 
     out = {}
-    with group_path_forced():
-        ref, got = one_pass("bn", keep=True), one_pass("syncbn", keep=True)
-        out["max_abs_err_y"] = max(float((a[0] - b[0]).abs().max()) for a, b in zip(ref, got))
-        out["max_abs_err_dx"] = max(float((a[1] - b[1]).abs().max()) for a, b in zip(ref, got))
-        out["max_abs_dx"] = max(float(a[1].abs().max()) for a in ref)
-        out["max_abs_err_dweight"] = max(float((a.weight.grad - b.weight.grad).abs().max())
-                                         for a, b in zip(*layers.values()))
-        del ref, got
-        for kind in ("bn", "syncbn"):
-            samples = []
-            warmup = 2 if iters >= 5 else 1
-            for k in range(iters + warmup):
-                sync(dev)
-                t = time.perf_counter()
-                one_pass(kind)
-                sync(dev)
-                if k >= warmup:
-                    samples.append(time.perf_counter() - t)
-            out[f"{kind}_ms"] = median_ms(samples)
-            if dev.type == "cuda":
-                base = torch.cuda.memory_allocated(dev)
-                reset_peak(dev)
-                one_pass(kind)
-                sync(dev)
-                extra = torch.cuda.max_memory_allocated(dev) - base
-                out[f"{kind}_peak_extra_gib"] = round(extra / 2**30, 3)
+    ref, got = one_pass("bn", keep=True), one_pass("syncbn", keep=True)
+    out["max_abs_err_y"] = max(float((a[0] - b[0]).abs().max()) for a, b in zip(ref, got))
+    out["max_abs_err_dx"] = max(float((a[1] - b[1]).abs().max()) for a, b in zip(ref, got))
+    out["max_abs_dx"] = max(float(a[1].abs().max()) for a in ref)
+    out["max_abs_err_dweight"] = max(float((a.weight.grad - b.weight.grad).abs().max())
+                                     for a, b in zip(*layers.values()))
+    del ref, got
+    for kind in ("bn", "syncbn"):
+        samples = timed(lambda: one_pass(kind), iters, warmup=2 if iters >= 5 else 1,
+                        before=lambda: sync(dev), after=lambda: sync(dev))
+        out[f"{kind}_ms"] = median_ms(samples)
+        if dev.type == "cuda":
+            base = torch.cuda.memory_allocated(dev)
+            reset_peak(dev)
+            one_pass(kind)
+            sync(dev)
+            extra = torch.cuda.max_memory_allocated(dev) - base
+            out[f"{kind}_peak_extra_gib"] = round(extra / 2**30, 3)
     out["syncbn_over_bn"] = round(out["syncbn_ms"] / out["bn_ms"], 3)
     return out
 
@@ -287,12 +262,11 @@ def allreduce(args) -> dict:
     a CUDA tensor first waits for that work: the "drain" SyncBN pays twice per layer)."""
     import torch
 
-    import horovod.torch as hvd
-    from hvd_megdet import dist
+    from hvd_megdet import dist, launch
 
-    dist.init()
+    launch.init()
     dev = device()
-    res = {"device": str(dev), "controller": dist.controller(), "size": dist.size(),
+    res = {"device": str(dev), "controller": launch.controller(), "size": dist.size(),
            "cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME")}
     # ~10 ms of queued matrix products on an H100/H200 (8 x 1.1 TFLOP in bf16); a token amount on a CPU
     n = 8192 if dev.type == "cuda" else 256
@@ -314,14 +288,14 @@ def allreduce(args) -> dict:
         for k in range(args.iters + 10):
             sync(dev)
             t = time.perf_counter()
-            hvd.allreduce(x, op=hvd.Sum, name=f"lat.{c}")
+            dist.allreduce(x, op=dist.Sum, name=f"lat.{c}", process_set=dist.global_set())
             if k >= 10:
                 idle.append(time.perf_counter() - t)
         for k in range(max(args.iters // 10, 5)):
             sync(dev)
             work()  # queued, not waited for
             t = time.perf_counter()
-            hvd.allreduce(x, op=hvd.Sum, name=f"lat.{c}")
+            dist.allreduce(x, op=dist.Sum, name=f"lat.{c}", process_set=dist.global_set())
             after.append(time.perf_counter() - t)
         res[f"C{c}"] = {"values": 2 * c + 1, "idle_ms": median_ms(idle),
                         "idle_p90_ms": round(1e3 * sorted(idle)[int(0.9 * len(idle))], 3),
@@ -335,7 +309,7 @@ def s_per_iter(metrics_file: Path) -> dict:
     """Seconds per iteration from metrics.jsonl's wall-clock times: the median over the logged
     intervals of the second half (a resumed run appends to the file: the gap between runs is one
     interval, which the median ignores)."""
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(metrics_file)
     if not rows:
         return {}
     out = {"iterations": rows[-1]["iteration"], "loss": round(rows[-1]["loss"], 4)}
@@ -356,15 +330,10 @@ def run_figures(args) -> dict:
         m = json.loads((out_dir / "eval" / "metrics.json").read_text())
         f["eval"] = {k: m[k] for k in ("AP", "AP50", "iteration") if k in m}
     f["checkpoints"] = sorted(p.name for p in (out_dir / "checkpoints").glob("*.pth"))
-    log = out_dir / "logs" / "rank-00000.log"
-    if log.exists():
-        text = log.read_text(errors="replace")
-        f["resumed"] = [line.split("resumed from", 1)[1].strip()[:200] for line in text.splitlines()
-                        if "resumed from" in line]
-        f["loaded"] = [line.split(" loaded ", 1)[1].strip()[:200] for line in text.splitlines()
-                       if " loaded " in line and ".pth" in line]  # --eval-only
-        f["device_line"] = next((line.split("device:", 1)[1].strip() for line in text.splitlines()
-                                 if "device:" in line), None)
+    runs = read_jsonl(out_dir / "runs.jsonl")  # one record per start of training or evaluation
+    f["resumed"] = [r["resumed_from"] for r in runs if r["kind"] == "train" and r.get("resumed_from")]
+    f["loaded"] = [r["checkpoint"] for r in runs if r["kind"] == "evaluate" and r.get("checkpoint")]  # --eval-only
+    f["device_line"] = runs[-1]["device"] if runs else None
     return f
 
 
@@ -372,12 +341,12 @@ def train(args) -> dict:
     """The project's Trainer in this process (as scripts/train.py runs it), for s/iter and peak memory."""
     import torch
 
-    from hvd_megdet import app, config, dist
+    from hvd_megdet import app, config
     from hvd_megdet.engine import Trainer
 
     dev = device()
     cfg = config.load(args.config, set_device_override(args.overrides, dev))
-    dist.init()
+    app.start_horovod(cfg, args.output_dir, training=True)
     out, log = app.start(cfg, args.output_dir)
     reset_peak(dev)
     t = time.perf_counter()

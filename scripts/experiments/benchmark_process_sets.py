@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Static vs dynamic Horovod process sets, on SyncBN and on the trainer (MPI controller).
 
-    python scripts/benchmark_process_sets.py [--output benchmarks/process_sets.json] [--reps 2]
+    python scripts/experiments/benchmark_process_sets.py [--output benchmarks/process_sets.json] [--reps 2]
 
 For np = 2 and 4 (BN groups of 2 ranks: the whole world at 2, two groups at 4), alternating the
 two modes ``--reps`` times: (0) the collectives alone (53 + 53 SyncBN-sized allreduces on the BN
@@ -14,43 +14,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-ENV = {"OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-       "OMPI_MCA_btl_vader_single_copy_mechanism": "none", "OMPI_MCA_rmaps_base_oversubscribe": "1",
-       "PYTHONPATH": str(REPO)}
+from common import REPO, horovodrun as run_job, layer_shapes, timed
 
 
 def syncbn_worker(iters: int, out: str) -> None:
     import torch
 
-    from benchmark_syncbn import layer_shapes
-    from hvd_megdet import dist
+    from hvd_megdet import dist, launch
     from hvd_megdet.sync_bn import SyncBatchNorm
 
     torch.set_num_threads(1)
-    dist.init()
-    dist.init(bn_group_size=2)
+    launch.init(bn_group_size=2)
     shapes = layer_shapes("resnet50")
     xs = [torch.randn(s, requires_grad=True) for s in shapes]
     gs = [torch.randn(s) for s in shapes]
     layers = [SyncBatchNorm(s[1], group_size=2) for s in shapes]
-    samples = []
-    for k in range(iters + 3):
-        dist.barrier()
-        t = time.perf_counter()
+    def one_pass():
         for layer, x, g in zip(layers, xs, gs):
             layer(x).backward(g)
-        if k >= 3:
-            samples.append(time.perf_counter() - t)
+    samples = timed(one_pass, iters, warmup=3, before=dist.barrier)
     worst = max(dist.allgather_object(statistics.median(samples)))
     if dist.rank() == 0:
         Path(out).write_text(json.dumps({"ms": worst * 1e3}))
@@ -60,23 +47,21 @@ def floor_worker(iters: int, out: str) -> None:
     """The collectives alone: 53 fwd (2C+1 fp64) and 53 bwd (2C fp32) allreduces on the BN group, one
     2M-float gradient allreduce on all ranks; ms per such iteration on rank 0."""
     import torch
-    import horovod.torch as hvd
 
-    from hvd_megdet import dist
+    from hvd_megdet import dist, launch
 
     torch.set_num_threads(1)
-    dist.init()
-    dist.init(bn_group_size=2)
-    group = dist.bn_group(2) or hvd.global_process_set
+    launch.init(bn_group_size=2)
+    group = dist.bn_group(2)  # np 2: the global set, np 4: a registered block
     chans = ([64, 256, 128, 512, 256, 1024, 512, 2048] * 7)[:53]
     grads = torch.randn(2_000_000)
 
     def iteration():
         for i, c in enumerate(chans):
-            hvd.allreduce(torch.randn(2 * c + 1, dtype=torch.float64), op=hvd.Sum, name=f"f{i}", process_set=group)
+            dist.allreduce(torch.randn(2 * c + 1, dtype=torch.float64), op=dist.Sum, name=f"f{i}", process_set=group)
         for i, c in enumerate(reversed(chans)):
-            hvd.allreduce(torch.randn(2 * c), op=hvd.Sum, name=f"b{i}", process_set=group)
-        hvd.allreduce(grads, op=hvd.Average, name="g")
+            dist.allreduce(torch.randn(2 * c), op=dist.Sum, name=f"b{i}", process_set=group)
+        dist.allreduce(grads, op=dist.Average, name="g")
     for _ in range(3):
         iteration()
     t = time.perf_counter()
@@ -87,10 +72,7 @@ def floor_worker(iters: int, out: str) -> None:
 
 
 def horovodrun(np_: int, argv: list[str], mode: str, timeout: float = 900, controller: str = "mpi") -> None:
-    env = {**os.environ, **ENV, "HVD_MEGDET_PROCESS_SETS": mode}
-    cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", f"--{controller}",
-           sys.executable, *argv]
-    subprocess.run(cmd, env=env, check=True, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_job(np_, argv, controller, timeout, env={"HVD_MEGDET_PROCESS_SETS": mode})
 
 
 def measure_floor(np_: int, mode: str, controller: str, iters: int = 15) -> dict:
