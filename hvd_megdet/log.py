@@ -55,7 +55,7 @@ def setup(output_dir: str | os.PathLike, rank: int, console: bool | None = None,
 def log_environment(logger: logging.Logger, env: dict) -> None:
     """The head of a rank's log: who this rank is and what it runs on."""
     logger.info("rank %(rank)d of %(size)d (local rank %(local_rank)d of %(local_size)d) on %(host)s "
-                "pid %(pid)d device %(device)s controller %(controller)s threads %(threads)d", env)
+                "pid %(pid)d controller %(controller)s threads %(threads)d", env)
     logger.info("versions: torch %(torch)s torchvision %(torchvision)s horovod %(horovod)s "
                 "cuda %(cuda)s mpi %(mpi)s", env)
 
