@@ -1,6 +1,7 @@
 """What a training job of N ranks runs, resolved from the config and the world size alone:
 the LR schedule, the BN groups and the periods (``--plan N`` and job scripts print it; the
-engine trains by it). Evaluation never needs it: BN groups are a training concern.
+engine trains by it). Evaluation never needs it (engine.evaluate_checkpoint): BN groups are a
+training concern.
 """
 from __future__ import annotations
 
@@ -51,16 +52,16 @@ def bn_groups(m: ModelConfig, images_per_rank: int, world_size: int) -> BNGroups
 class Plan:
     world_size: int
     schedule: Schedule
-    bn: BNGroups | None              # None: resolved for evaluation, which has no BN groups
+    bn: BNGroups
     eval_period_images: int          # 0 = only at the end
     checkpoint_period_images: int
     checkpoint_minutes: float
 
 
-def resolve(cfg: Config, world_size: int, training: bool = True) -> Plan:
+def resolve(cfg: Config, world_size: int) -> Plan:
     sched = Schedule.from_config(cfg.solver, world_size)
     t = cfg.train
-    bn = bn_groups(cfg.model, cfg.solver.images_per_rank, world_size) if training else None
+    bn = bn_groups(cfg.model, cfg.solver.images_per_rank, world_size)
     return Plan(world_size=world_size, schedule=sched, bn=bn,
                 eval_period_images=sched.period_images(t.eval_period),
                 checkpoint_period_images=sched.period_images(t.checkpoint_period),

@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
-from hvd_megdet.data.coco import (CocoDetection, DataError, annotation_problems, coco_from,  # noqa: E402
-                                  missing_image_files, read_annotations, read_image)
+from hvd_megdet.data.annotations import DataError, annotation_problems, coco_from, read_annotations  # noqa: E402
+from hvd_megdet.data.coco import CocoDetection, missing_image_files, read_image  # noqa: E402
 from hvd_megdet.errors import EXIT_OK, EXIT_USER_ERROR  # noqa: E402
 
 LISTED = 50  # problems printed per kind

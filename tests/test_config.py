@@ -81,8 +81,6 @@ def test_bn_groups_that_do_not_fit_are_rejected():
         plan.resolve(config.load("megdet_r50_fpn"), 24)
     with pytest.raises(ConfigError, match="BN group size 3 does not divide the world size 4"):
         plan.resolve(config.load("shapes_tiny", ["model.bn_group_size=3"]), 4)
-    # evaluation needs no BN groups: any world size
-    assert plan.resolve(config.load("shapes_tiny", ["model.bn_group_size=2"]), 3, training=False).bn is None
     assert plan.resolve(config.load("shapes_tiny"), 3).bn.ranks == 3  # neither set: the whole world
 
 

@@ -9,7 +9,8 @@ import torch
 
 from hvd_megdet import config, evaluation
 from hvd_megdet.data import shapes
-from hvd_megdet.data.coco import CocoDetection, load_coco
+from hvd_megdet.data.annotations import load_coco
+from hvd_megdet.data.coco import CocoDetection
 from hvd_megdet.data.transforms import EvalTransform
 from hvd_megdet.evaluation import coco_metrics, format_category_table
 from hvd_megdet.model import build_model

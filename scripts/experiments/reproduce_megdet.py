@@ -420,7 +420,7 @@ def main() -> int:
         for c in cells:
             print(f"{c['name']:26} {c['ranks']:2d} ranks x {c['images_per_rank']} images  {c['norm']:6}  BN size "
                   f"{c['bn_size']:2d}  lr x{c['lr_scale']:<4} warmup {str(c['warmup']):5}  "
-                  f"{cell_plan(c, overrides(c, recipe, '')).schedule.max_iter:5d} iterations  "
+                  f"{cell_plan(c, overrides(c, recipe, 'weights.pth')).schedule.max_iter:5d} iterations  "
                   f"~{estimate_s(c, recipe):4.0f} s")
         total = sum(estimate_s(c, recipe) for c in cells)
         print(f"{len(cells)} cells, {args.images} images each: ~{total:.0f} s = {total / 3600:.2f} h "
