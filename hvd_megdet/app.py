@@ -50,7 +50,11 @@ def start_horovod(cfg: config_mod.Config | None = None, output_dir: str | None =
     prediction register none: they run on any world size."""
     launch.init(timeline=horovod_timeline(cfg, output_dir) if cfg and training else "")
     if cfg and training:
-        launch.init(bn_group_size=plan.bn_groups(cfg.model, cfg.solver.images_per_rank, dist.size()).ranks)
+        try:
+            groups = plan.bn_groups(cfg.model, cfg.solver.images_per_rank, dist.size())
+        except config_mod.ConfigError:
+            return  # the Trainer's plan raises it again, once the rank's log exists
+        launch.init(bn_group_size=groups.ranks)
 
 
 def start(cfg: config_mod.Config, output_dir: str | None, write_config: bool = True):

@@ -138,15 +138,18 @@ class Restored:
 
 
 def restore(path, state: dict | None, model, optimizer=None, legacy_global_batch: int = 0) -> Restored | None:
-    """Collective: rank 0's ``state`` (loaded from ``path``) into every rank's ``model`` (and
-    ``optimizer``). None when rank 0 has no checkpoint. A checkpoint that does not fit the model
-    fails every rank alike. ``legacy_global_batch`` turns the iteration of a checkpoint older than
+    """Collective: rank 0's ``state`` (loaded from ``path``, by rank 0 here when None) into every
+    rank's ``model`` (and ``optimizer``). None when rank 0 has no checkpoint. A checkpoint that
+    cannot be read or does not fit the model fails every rank alike. ``legacy_global_batch`` turns the iteration of a checkpoint older than
     the images count into images."""
     path = dist.broadcast_object(str(path) if path else None, name="ckpt_path")
     if path is None:
         return None
 
     def load_on_root() -> dict:
+        nonlocal state
+        if state is None:
+            state = load(path)  # a CheckpointError here reaches every rank too
         model.load_state_dict(state["model"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
@@ -154,9 +157,11 @@ def restore(path, state: dict | None, model, optimizer=None, legacy_global_batch
         return {"images": state.get("images", state["iteration"] * legacy), "iteration": state["iteration"],
                 "world_size": state.get("world_size"), "rng": state.get("rng"), "scaler": state.get("scaler")}
 
-    meta = dist.root_decides(load_on_root, "ckpt_meta", CheckpointError, catch=(KeyError, ValueError, RuntimeError),
-                             describe=lambda e: f"checkpoint {path} does not fit this model/config: "
-                                                f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    meta = dist.root_decides(load_on_root, "ckpt_meta", CheckpointError,
+                             catch=(CheckpointError, KeyError, ValueError, RuntimeError),
+                             describe=lambda e: str(e) if isinstance(e, CheckpointError) else
+                             f"checkpoint {path} does not fit this model/config: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
     if optimizer is not None:
         # optimizer state first: Horovod initialises empty state with a step, which the
         # parameter broadcast then overwrites.

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from hvd_megdet import checkpoint, data, dist, evaluation, faults, optim, rng, signals, startup, sync_bn
+from hvd_megdet import checkpoint, data, dist, evaluation, faults, launch, optim, rng, signals, startup, sync_bn
+from hvd_megdet import log as log_mod
 from hvd_megdet import plan as plan_mod
 from hvd_megdet.config import Config, to_dict
 from hvd_megdet.data.transforms import to_device
@@ -45,14 +46,16 @@ class InvalidBNBatch(UserError, ValueError):
 
 
 class Trainer:
-    """Training only (evaluation of a checkpoint: :func:`evaluate_checkpoint`). Horovod must be
-    started with the training BN groups registered (``app.start_horovod``)."""
+    """Training only (evaluation of a checkpoint: :func:`evaluate_checkpoint`). BN groups smaller
+    than the world must be registered before (``app.start_horovod``, while the ranks are in step);
+    a plain process needs nothing."""
 
     def __init__(self, cfg: Config, output_dir: Path, log):
         self.cfg, self.out, self.log = cfg, Path(output_dir), log
         # from the start: a preemption signal during set-up or resume is honoured at the first iteration
         self.stop = signals.stop_flag()
         self.fault = faults.from_env()  # tests only: HVD_MEGDET_FAULT
+        launch.init()  # a no-op after app.start_horovod; a plain process or a tool gets Horovod here
         self.plan = plan_mod.resolve(cfg, dist.size())
         self.sched = self.plan.schedule
         bn = self.plan.bn
@@ -275,8 +278,6 @@ def evaluate_checkpoint(cfg: Config, out: Path, log, path: Path | None = None, s
     log_model(cfg, ready.val_ds, ready.model, log)
     if path is None:
         path, state = checkpoint.newest_on_root(out, log)
-    elif dist.is_main() and state is None:
-        state = checkpoint.load(path)
     legacy_batch = Schedule.from_config(cfg.solver, dist.size()).global_batch
     got = checkpoint.restore(path, state, ready.model, legacy_global_batch=legacy_batch)
     del state
@@ -296,8 +297,11 @@ def record_run(out: Path, kind: str, device, **facts) -> None:
     ran where (tools read this, not the log's wording)."""
     if dist.is_main():
         rec = {"kind": kind, "time": time.time(), "world_size": dist.size(), "device": describe_device(device), **facts}
-        with open(Path(out) / "runs.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:  # a record, not the job: a failed write must not stop rank 0 between collectives
+            with open(Path(out) / "runs.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            log_mod.get_logger().warning("runs.jsonl not written: %s", e)
 
 
 def log_model(cfg: Config, val_ds, model, log) -> None:

@@ -174,8 +174,12 @@ def evaluate(model, dataset: CocoDetection, output_dir, iteration: int, batch_si
         write_json(eval_dir / "detections.json", all_dets)
         write_json(eval_dir / "metrics.json", metrics)
         write_json(eval_dir / "per_category.json", per_cat)
-        with open(eval_dir / "history.jsonl", "a") as f:  # every evaluation of the run, in order
-            f.write(json.dumps(metrics) + "\n")
+        try:  # every evaluation of the run, in order (a record: a failed write must not stop rank 0)
+            with open(eval_dir / "history.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        except OSError as e:
+            if log:
+                log.warning("eval/history.jsonl not written: %s", e)
         if num_visualizations:
             save_visualizations(model, dataset, list(range(min(num_visualizations, n))), eval_dir / "vis", device)
         if log:

@@ -275,3 +275,18 @@ def test_bad_input_fails_every_rank(tmp_path, case):
     assert sorted(p.name for p in status.glob("*.json")) == [f"{kind}-rank-00000.json",
                                                             f"{kind}-rank-00001.json"], res.stdout
     assert ("training from iteration" in res.stdout) == (case in MET_WHILE_TRAINING), res.stdout
+    if case == "bn_group":  # found once the rank's log exists (BN groups are registered only when they fit)
+        assert "BN group size 3 does not divide" in (tmp_path / "out" / "logs" / "rank-00001.log").read_text()
+
+
+def test_unreadable_checkpoint_evaluated_fails_alike(tmp_path):
+    """(One process.) engine.evaluate_checkpoint on a file rank 0 cannot read: a CheckpointError
+    naming it, raised through the same broadcast every rank waits in (checkpoint.restore)."""
+    from hvd_megdet import app, config
+    from hvd_megdet.engine import evaluate_checkpoint
+    cfg = config.load("shapes_tiny", small(tmp_path))
+    out, log = app.start(cfg, str(tmp_path / "out"))
+    bad = tmp_path / "model_img0000000008.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match=f"cannot read checkpoint {bad}"):
+        evaluate_checkpoint(cfg, out, log, bad)

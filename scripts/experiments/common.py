@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from hvd_megdet import localjob
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # this checkout's package, whatever an editable install points at
+from hvd_megdet import localjob  # noqa: E402
 
-REPO = localjob.REPO
 BIN = localjob.BIN
 
 
