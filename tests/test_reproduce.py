@@ -41,7 +41,8 @@ def test_pretraining_data():
 
 
 def test_grid_design():
-    """The issue's axes, seeds and schedule; the cost model keeps the grid near 2 hours."""
+    """The issue's axes, seeds and schedule; the cost model: the single-seed grid under 2 hours, each seed
+    more costs its six rate cells."""
     cells, recipe = reproduce.grid(), {**reproduce.DEFAULTS}
     by = {c["name"]: c for c in cells}
     assert len(by) == len(cells)
@@ -54,8 +55,20 @@ def test_grid_design():
     assert sizes[0] <= 2 and sizes[-1] >= 16 and len(sizes) >= 4                # (d)
     assert all(c["mini_batch"] == 32 for c in cells if c["group"] == "bnsize")
     assert by["bnsize_b32_bn2"]["images_per_rank"] == 2 and by["bnsize_b32_bn2"]["bn_group_ranks"] == 1
-    for name in ("cgbn_b8", "cgbn_b32", "bnsize_b32_bn2"):                     # (e) 3 seeds (b32 = BN size 32)
-        assert {c["seed"] for c in cells if c["name"].split("_seed")[0] == name} == set(reproduce.SEEDS)
+    seeds_of = lambda name, grid_cells: {c["seed"] for c in grid_cells if reproduce.base_name(c["name"]) == name}
+    assert seeds_of("cgbn_b8", cells) == set(reproduce.SEEDS) == {42, 1, 2}      # (e) the baseline: 3 seeds
+    for name in ("bnsize_b32_bn2", "bnsize_b32_bn4", "bnsize_b32_bn8", "frozen_b32", "cgbn_b32_nowarmup", "cgbn_b32"):
+        assert seeds_of(name, cells) == {42, *range(1, 8)}                        # rates: >= 8 seeds each
+        assert seeds_of(name, reproduce.grid(seeds=3)) == {42, 1, 2}
+        assert by[name]["mini_batch"] == 32
+    assert seeds_of("bnsize_b32_bn16", cells) == {42} and seeds_of("cgbn_b4", cells) == {42}
+    # seed-major: every rate cell's seed s runs before any seed s + 1 (a partial grid stays balanced)
+    order = [c["seed"] for c in cells if c["seed"] != 42]
+    assert order == sorted(order, key=lambda s: (s > 2, s)) and cells[-1]["seed"] == 7
+    for c in cells:  # a seed cell is its seed-42 cell with another seed (the same key otherwise)
+        first = by[reproduce.base_name(c["name"])]
+        assert {k: v for k, v in c.items() if k not in ("name", "seed")} == \
+            {k: v for k, v in first.items() if k not in ("name", "seed")}
     assert recipe["images"] // 32 >= 300                                        # >= 300 updates at the largest
     for c in cells:  # the same schedule in images for every cell: only the batch, norm, lr scale differ
         ov = dict(o.split("=", 1) for o in reproduce.overrides(c, recipe, "/w.pth"))
@@ -63,8 +76,34 @@ def test_grid_design():
         assert ov["solver.warmup_iters"] == ("120" if c["warmup"] else "0")
         assert float(ov["solver.base_lr"]) == pytest.approx(0.01 * c["lr_scale"])
         assert ov["model.backbone_weights"] == "/w.pth" and ov["model.norm"] == c["norm"]
-    total = sum(reproduce.estimate_s(c, recipe) for c in cells)
-    assert 1.5 * 3600 < total < 2.4 * 3600, total
+    cost = lambda n: sum(reproduce.estimate_s(c, recipe) for c in reproduce.grid(seeds=n))
+    assert 1.4 * 3600 < cost(1) < 2.0 * 3600, cost(1)              # one seed per cell + the baseline's 3
+    assert cost(8) - cost(7) == pytest.approx(sum(reproduce.estimate_s(by[n], recipe) for n in reproduce.RATE_CELLS))
+
+
+def test_divergence_rates():
+    """Wilson intervals against hand-computed values; where a divergent run blew up; rates, and AP
+    over the converged runs only."""
+    assert reproduce.wilson(0, 8) == pytest.approx((0.0, 0.3244), abs=1e-4)   # 3.84 / 11.84
+    assert reproduce.wilson(8, 8) == pytest.approx((0.6756, 1.0), abs=1e-4)
+    assert reproduce.wilson(2, 8) == pytest.approx((0.0715, 0.5907), abs=1e-4)
+    recs = [{"iteration": i, "images": 32 * i, "lr": 0.001 * i, "loss": v}
+            for i, v in enumerate((2.0, 1.5, 1.2, 4.9, 8.6, float("inf")), start=1)]
+    assert reproduce.blowup(recs, "", None) == {"iteration": 5, "images": 160, "lr": 0.005, "loss": 8.6}
+    assert reproduce.blowup(recs[:3], "", None) is None
+    from hvd_megdet import config, plan
+    sched = plan.resolve(config.load("shapes_tiny", ["solver.images_per_rank=4"]), 8).schedule
+    got = reproduce.blowup(recs[:3], "NonFiniteLoss: non-finite loss at iteration 29 on rank(s) [0]", sched)
+    assert got == {"iteration": 29, "images": 29 * 32, "lr": sched.lr_at(29 * 32), "loss": None}
+
+    def run(seed, ap, div):
+        return {"name": "bn2" if seed == 42 else f"bn2_seed{seed}", "seed": seed, "AP": ap, "diverged": div,
+                "blowup": {"iteration": 17, "lr": 0.021} if div else None}
+    (agg,) = reproduce.aggregates([run(42, 0.5, False), run(1, 0.4, False), run(7, 0.0, True)])
+    assert agg["runs"] == 3 and agg["diverged"] == 1 and agg["divergence_rate"] == pytest.approx(1 / 3)
+    assert agg["divergence_ci95"] == pytest.approx(list(reproduce.wilson(1, 3)))
+    assert agg["AP_mean"] == pytest.approx(0.45) and agg["AP_spread"] == pytest.approx(0.1)  # not the 0.0
+    assert agg["blowups"] == [{"seed": 7, "iteration": 17, "lr": 0.021}]
 
 
 def test_plotted_points_follow_the_first_seed():
@@ -87,6 +126,9 @@ def test_other_recipe_never_overwrites_the_grid(capsys):
     assert "--save-as" in capsys.readouterr().err
     assert reproduce.parse_args(["--images", "38400", "--save-as", "megdet_longer"]).save_as == "megdet_longer"
     assert reproduce.parse_args(["--cells", "cgbn_b32"]).save_as is None
+    assert reproduce.parse_args(["--seeds", "3"]).seeds == 3
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--seeds", "0"])
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--images", "38400", "--save-as", "../megdet_miniature"])
 

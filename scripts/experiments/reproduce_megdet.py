@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """MegDet's findings in miniature, in the paper's regime: a grid of real training jobs on the embedded shapes data.
 
-    python scripts/experiments/reproduce_megdet.py [--output-dir outputs/megdet_miniature] [--cells NAME ...]
+    python scripts/experiments/reproduce_megdet.py [--output-dir outputs/megdet_miniature] [--cells NAME ...] [--seeds N]
     python scripts/experiments/reproduce_megdet.py --pilot   # the baseline alone, evaluated every 320 images
     python scripts/experiments/reproduce_megdet.py --list    # the cells and their estimated wall time, nothing run
     python scripts/experiments/reproduce_megdet.py --quick   # two tiny cells (a test of the script)
@@ -25,19 +25,24 @@ The axes (mini-batch = ranks x images per rank; ranks oversubscribe this machine
   nowarmup  (c) mini-batch 32 with CGBN and no warmup
   bnsize    (d) BN size at mini-batch 32: 2 (16x2, local BN), 4 (8x4, local BN), 8, 16 (8x4, BN groups
             of 2 and 4 ranks), 32 (= cgbn_b32)
-  seeds     (e) seeds 42, 1, 2 of the baseline cgbn_b8, of cgbn_b32 (the largest CGBN cell and the
-            largest BN size) and of bnsize_b32_bn2 (the smallest BN size); the backbone stays the same
+  seeds     (e) seeds 42, 1, 2 of the baseline cgbn_b8; --seeds N (default 8: 42, 1, ..., 7) of every
+            cell where MegDet saw failures, at mini-batch 32: BN size 2, 4, 8, frozen BN, CGBN without
+            warmup and CGBN with warmup (cgbn_b32, the control). The backbone stays the same; seeds
+            run seed-major (every rate cell's seed 3 before any seed 4), so a partial grid is balanced.
+            Each of these cells gets a divergence rate with a 95 % Wilson interval, the iteration and
+            lr where each divergent run blew up, and AP mean / spread over its converged runs.
 
 A BN statistic over k images is the same function whatever the split of those k images over ranks
 (SyncBN equals BatchNorm on the concatenated batch, tests/test_sync_bn.py): only BN size 2 needs 2
 images per rank; the others keep 4 per rank, which costs 2-4x less per image here.
 
-Cost (--list; model below, from the throughputs in README "Benchmarks" and the committed grid's): 21 cells, about
-2.2 h on this 2-core machine, plus the backbone's pretraining (~5 min) on first use; the pilot ~7 min.
+Cost (--list; model below, from the throughputs in README "Benchmarks" and the committed grid's; it overestimates
+the 16-rank cells): --seeds 1 is 17 cells, about 1.7 h on this 2-core machine, plus the backbone's pretraining
+(~2 min) on first use; each seed more adds 6 cells (~0.6 h), 6.2 h for the default 8; the pilot ~7 min.
 
 A cell diverged if it stopped on a non-finite loss or its loss rose above 3x its first logged value.
-Finished cells are skipped (resumable) unless their recipe changed; --cells re-runs the named
-ones; each cell has a time limit. Writes OUTPUT_DIR/<cell>/cell.json and
+Finished cells are skipped (resumable) unless their recipe changed or --rerun; --cells runs only the
+named ones (a name without _seedS means all its seeds); each cell has a time limit. Writes OUTPUT_DIR/<cell>/cell.json and
 benchmarks/megdet_miniature.{json,png} (--pilot: benchmarks/megdet_pilot.*; --quick: in OUTPUT_DIR).
 """
 from __future__ import annotations
@@ -47,7 +52,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,7 +65,10 @@ from hvd_megdet import config, localjob, plan, pretrain
 
 REFERENCE = 8            # the batch that the base lr is given for (the demo's 2 ranks x 4 images)
 BASELINE = "cgbn_b8"
-SEEDS = (42, 1, 2)
+SEEDS = (42, 1, 2)          # the baseline's seeds; the first N of 42, 1, 2, 3, ... for the rate cells
+RATE_SEEDS = 8
+# where MegDet saw failures ("sometimes", "worse"), all at mini-batch 32 (lr 0.04); cgbn_b32 is the control
+RATE_CELLS = ("bnsize_b32_bn2", "bnsize_b32_bn4", "bnsize_b32_bn8", "frozen_b32", "cgbn_b32_nowarmup", "cgbn_b32")
 PRETRAIN_RANKS = 2
 DEFAULTS = {  # the recipe; --quick and --pilot change only what they say
     "images": 9600,           # per cell: 12 epochs of 800; 300 updates at mini-batch 32
@@ -110,7 +120,12 @@ def cell(name, group, ranks, per_rank, norm="syncbn", bn_ranks=0, lr_scale=1.0, 
             "bn_size": bn_ranks * per_rank, "lr_scale": lr_scale, "warmup": warmup, "seed": seed}
 
 
-def grid(quick: bool = False) -> list[dict]:
+def seed_list(n: int) -> tuple[int, ...]:
+    """The first ``n`` seeds: 42 (every single-seed cell's), then 1, 2, 3, ..."""
+    return (42, *range(1, n))
+
+
+def grid(quick: bool = False, seeds: int = RATE_SEEDS) -> list[dict]:
     if quick:  # two tiny cells: one that trains, one that must diverge
         return [cell("quick_cgbn_b4", "cgbn", 2, 2),
                 cell("quick_frozen_lr1000", "frozen", 2, 2, norm="frozen", lr_scale=1000.0, warmup=False)]
@@ -122,9 +137,15 @@ def grid(quick: bool = False) -> list[dict]:
     bnsize = lambda bn, seed=42: (cell("bnsize_b32_bn2", "bnsize", 16, 2, bn_ranks=1, seed=seed) if bn == 2 else
                                   cell(f"bnsize_b32_bn{bn}", "bnsize", 8, 4, bn_ranks=bn // 4, seed=seed))
     cells += [bnsize(bn) for bn in (2, 4, 8, 16)]  # BN size 32 is cgbn_b32
-    for seed in SEEDS[1:]:
-        cells += [cell("cgbn_b8", "cgbn", 2, 4, seed=seed), cell("cgbn_b32", "cgbn", 8, 4, seed=seed), bnsize(2, seed)]
+    first = {c["name"]: c for c in cells}
+    for seed in seed_list(max(seeds, len(SEEDS)))[1:]:  # seed-major: a partial grid stays balanced
+        names = ((BASELINE,) if seed in SEEDS else ()) + (RATE_CELLS if seed in seed_list(seeds) else ())
+        cells += [{**first[n], "name": f"{n}_seed{seed}", "seed": seed} for n in names]
     return cells
+
+
+def base_name(name: str) -> str:
+    return name.split("_seed")[0]
 
 
 def schedule(c: dict, recipe: dict) -> tuple[int, list[int], int]:
@@ -150,11 +171,39 @@ def overrides(c: dict, recipe: dict, backbone: str) -> list[str]:
     return ov
 
 
+def blew_up(loss: float, first: float) -> bool:
+    return not math.isfinite(loss) or loss > 3 * first
+
+
 def diverged(records: list[dict], crashed_nonfinite: bool) -> bool:
     if crashed_nonfinite:
         return True
     losses = [r["loss"] for r in records]
-    return bool(losses) and (not all(map(math.isfinite, losses)) or max(losses) > 3 * losses[0])
+    return bool(losses) and any(blew_up(v, losses[0]) for v in losses)
+
+
+def blowup(records: list[dict], text: str, sched) -> dict | None:
+    """Where a divergent run blew up: the first logged iteration whose loss is non-finite or above
+    3x the first, else the iteration the non-finite check stopped at (lr from the schedule)."""
+    first = records[0]["loss"] if records else None
+    for r in records:
+        if blew_up(r["loss"], first):
+            return {"iteration": r["iteration"], "images": r["images"], "lr": r["lr"], "loss": r["loss"]}
+    m = re.search(r"non-finite loss at iteration (\d+)", text or "")
+    if m:
+        it = int(m.group(1))
+        images = it * sched.global_batch
+        return {"iteration": it, "images": images, "lr": sched.lr_at(images), "loss": None}
+    return None
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a rate k / n (honest at k = 0 or n, unlike k/n +- 2 sd)."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    mid, half = (p + z2 / (2 * n)) / (1 + z2 / n), z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 def ap_curve(out: Path) -> list[list[float]]:
@@ -227,6 +276,7 @@ def run_cell(c: dict, recipe: dict, backbone: dict, out_root: Path, limit_s: flo
               "eval_period_images": recipe["eval_period"], "iterations": records[-1]["iteration"] if records else 0,
               "exit": code, "AP": m.get("AP", 0.0), "AP50": m.get("AP50", 0.0),
               "diverged": diverged(records, "NonFiniteLoss" in (text or "")),
+              "blowup": blowup(records, text, sched),
               "final_loss": records[-1]["loss"] if records else None,
               "peak_loss": max((r["loss"] for r in records), default=None), "wall_s": round(wall, 1),
               "estimate_s": round(est), "threads_per_rank": threads,
@@ -280,16 +330,26 @@ def points(cells: list[dict], group: str, x: str, **match) -> list[tuple]:
 
 
 def aggregates(cells: list[dict]) -> list[dict]:
-    """AP of each seed, mean and spread (max - min) of every cell run with more than one seed."""
+    """Every cell run with more than one seed: its divergence rate with a 95 % Wilson interval, where
+    each divergent run blew up, and AP of each seed with mean and spread (max - min) over the
+    converged runs (a diverged run has no AP)."""
     by = {}
     for c in cells:
-        by.setdefault(c["name"].split("_seed")[0], []).append(c)
+        by.setdefault(base_name(c["name"]), []).append(c)
     out = []
     for k, v in by.items():
-        aps = [c["AP"] for c in v]
-        if len(v) > 1:
-            out.append({"cell": k, "seeds": [c["seed"] for c in v], "AP": aps, "AP_mean": sum(aps) / len(aps),
-                        "AP_spread": max(aps) - min(aps)})
+        if len(v) < 2:
+            continue
+        ok = [c for c in v if not c["diverged"]]
+        aps = [c["AP"] for c in ok]
+        k_div = len(v) - len(ok)
+        out.append({"cell": k, "seeds": [c["seed"] for c in v], "runs": len(v), "diverged": k_div,
+                    "divergence_rate": k_div / len(v), "divergence_ci95": list(wilson(k_div, len(v))),
+                    "blowups": [{"seed": c["seed"], **(c.get("blowup") or {})} for c in v if c["diverged"]],
+                    "AP": [c["AP"] for c in v], "AP_converged": aps,
+                    "AP_mean": sum(aps) / len(aps) if aps else None,
+                    "AP_spread": max(aps) - min(aps) if aps else None,
+                    "AP_sd": statistics.stdev(aps) if len(aps) > 1 else None})
     return out
 
 
@@ -297,7 +357,7 @@ def plot(cells: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 3, figsize=(19, 9))
 
     def spread(ax, pts, label, style, color):
         if not pts:
@@ -343,6 +403,23 @@ def plot(cells: list[dict], path: Path) -> None:
                     label=f"mini-batch {c['mini_batch']}, seed {c['seed']}")
     ax.set(xlabel="images seen", ylabel="bbox AP (val)", title="AP vs images seen: baseline and largest batch")
     ax.legend(fontsize=7)
+    rates = [a for a in aggregates(cells) if a["cell"] in RATE_CELLS or a["cell"] == BASELINE]
+    names = [f"{a['cell']}\n({a['runs']} seeds)" for a in rates]
+    ax = axes[0, 2]
+    for i, a in enumerate(rates):
+        lo, hi = a["divergence_ci95"]
+        ax.errorbar([i], [a["divergence_rate"]], yerr=[[a["divergence_rate"] - lo], [hi - a["divergence_rate"]]],
+                    fmt="o", capsize=5, color="tab:red" if a["diverged"] else "tab:blue")
+    ax.set_xticks(range(len(rates)), names, rotation=30, ha="right", fontsize=7)
+    ax.set(ylim=(-0.02, 1.02), ylabel="divergence rate (95 % Wilson interval)",
+           title="divergence rate per cell (same recipe, seeds 42, 1, 2, ...)")
+    ax = axes[1, 2]
+    for i, a in enumerate(rates):
+        ax.scatter([i] * len(a["AP_converged"]), a["AP_converged"], s=14, color="tab:blue")
+        if a["AP_mean"] is not None:
+            ax.hlines(a["AP_mean"], i - 0.3, i + 0.3, color="black")
+    ax.set_xticks(range(len(rates)), names, rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="bbox AP", title="AP of the converged seeds (bar: mean)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -357,10 +434,26 @@ def table(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rate_table(rates: list[dict]) -> str:
+    lines = [f"{'cell':22} {'runs':>4} {'div':>3} {'rate':>5} {'95% interval':>13}  {'AP mean':>7} {'spread':>6}  blew up"]
+    for a in rates:
+        lo, hi = a["divergence_ci95"]
+        ap = f"{a['AP_mean']:7.3f} {a['AP_spread']:6.3f}" if a["AP_mean"] is not None else f"{'-':>7} {'-':>6}"
+        ups = ", ".join(f"seed {b['seed']}: it {b.get('iteration', '?')} lr {b.get('lr', float('nan')):.4f}"
+                        for b in a["blowups"])
+        lines.append(f"{a['cell']:22} {a['runs']:4d} {a['diverged']:3d} {a['divergence_rate']:5.2f} "
+                     f"[{lo:4.2f}, {hi:4.2f}]  {ap}  {ups}")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=str(REPO / "outputs" / "megdet_miniature"))
-    p.add_argument("--cells", nargs="+", metavar="NAME", help="(re-)run only these cells (see --list)")
+    p.add_argument("--cells", nargs="+", metavar="NAME",
+                   help="only these cells (see --list); a name without _seedS selects all its seeds")
+    p.add_argument("--rerun", action="store_true", help="run the selected cells again even if finished")
+    p.add_argument("--seeds", type=int, default=RATE_SEEDS,
+                   help=f"seeds of each rate cell ({', '.join(RATE_CELLS)}): 42, 1, ..., N-1 (default {RATE_SEEDS})")
     p.add_argument("--images", type=int, default=DEFAULTS["images"], help="training images per cell")
     p.add_argument("--base-lr", type=float, default=DEFAULTS["base_lr"], help=f"lr per {REFERENCE} images")
     p.add_argument("--warmup-fraction", type=float, default=DEFAULTS["warmup_fraction"],
@@ -383,6 +476,8 @@ def parse_args(argv=None):
                    help="write benchmarks/NAME.{json,png} and OUTPUT_DIR/NAME/ (needed for a recipe other than the "
                         "grid's, so that a diagnostic run never overwrites the committed grid)")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
     if args.quick:
         args.images, args.train_images = QUICK["images"], QUICK["train_images"]
         args.eval_period = args.eval_period or QUICK["eval_period"]
@@ -408,14 +503,16 @@ def main() -> int:
     recipe = {"images": args.images, "base_lr": args.base_lr, "reference_batch": REFERENCE,
               "warmup_fraction": args.warmup_fraction, "decay_fractions": sorted(args.decay_fractions),
               "eval_period": args.eval_period, "train_images": args.train_images}
-    cells = grid(args.quick)
+    cells = grid(args.quick, args.seeds)
     if args.pilot:
         cells = [c for c in cells if c["name"] == BASELINE]
     if args.cells:
-        unknown = sorted(set(args.cells) - {c["name"] for c in cells})
+        known = {c["name"] for c in cells} | {base_name(c["name"]) for c in cells}
+        unknown = sorted(set(args.cells) - known)
         if unknown:
-            print(f"unknown cell(s) {unknown}: choose from {[c['name'] for c in cells]}", file=sys.stderr)
+            print(f"unknown cell(s) {unknown}: choose from {sorted(known)}", file=sys.stderr)
             return 2
+        cells = [c for c in cells if c["name"] in args.cells or base_name(c["name"]) in args.cells]
     if args.list:
         for c in cells:
             print(f"{c['name']:26} {c['ranks']:2d} ranks x {c['images_per_rank']} images  {c['norm']:6}  BN size "
@@ -435,28 +532,28 @@ def main() -> int:
     backbone = ensure_backbone(args.quick)
     results = []
     for c in cells:
-        rerun = args.cells and c["name"] in args.cells
-        done = None if rerun else finished(out, c, recipe, backbone, extra)
-        if done is None and (not args.cells or rerun) and not args.summarize:
+        done = None if args.rerun else finished(out, c, recipe, backbone, extra)
+        if done is None and not args.summarize:
             done = run_cell(c, recipe, backbone, out, args.cell_timeout, extra)
         elif done is not None:
             print(f"-- {c['name']}: finished (AP {done['AP']:.3f}), skipped", flush=True)
         if done is not None:
             results.append(done)
     summary = {"recipe": recipe, "baseline": BASELINE, "seeds": list(SEEDS),
+               "rate_cells": list(RATE_CELLS), "rate_seeds": list(seed_list(args.seeds)),
                "backbone": backbone, "cost_model": {"rate_4_per_rank": RATE_4, "rate_1_per_rank": RATE_1,
                                                     "frozen_speedup": FROZEN_SPEEDUP, "start_s": START_S,
                                                     "eval_s": EVAL_S},
                "estimated_wall_s": round(sum(estimate_s(c, recipe) for c in cells)),
                "cells_wall_s": round(sum(c["wall_s"] for c in results), 1),
                "this_invocation_wall_s": round(time.time() - t0, 1),
-               "seed_spread": aggregates(results), "cells": results}
+               "rates": aggregates(results), "cells": results}
     dest = out if args.quick else REPO / "benchmarks"
     name = args.save_as or ("megdet_pilot" if args.pilot else "megdet_miniature")
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(results, dest / f"{name}.png")
-    print("\n" + table(results))
+    print("\n" + table(results) + "\n\n" + rate_table(summary["rates"]))
     for c in results:
         if c["ap_curve"] and (args.pilot or c["name"] == BASELINE):
             print(f"AP curve of {c['name']}: " + ", ".join(f"{int(i)}: {a:.3f}" for i, a, _ in c["ap_curve"]))
