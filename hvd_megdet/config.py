@@ -54,6 +54,8 @@ class ModelConfig:
     # or in ranks (must divide the world size).
     bn_size: int = 0                      # images per BN statistic; 0 = not set
     bn_group_size: int = 0                # ranks per BN group; 0 = not set
+    syncbn_impl: str = "plain"            # plain (any device) | fused (CUDA only: torch's fused BN kernels,
+                                          # fewer passes over the activations; not yet validated on a GPU)
     trainable_layers: int = 5             # backbone stages trained (5 = all, as MegDet); frozen ones use
                                           # FrozenBatchNorm2d
     backbone_weights: str = ""            # "" = random init, a local .pth of an ImageNet ResNet, or a
@@ -192,6 +194,7 @@ def validate(cfg: Config) -> None:
         ("model.backbone", m.backbone in ("resnet50", "resnet18", "tiny"), "must be resnet50, resnet18 or tiny"),
         ("model.norm", m.norm in ("syncbn", "bn", "frozen"), "must be syncbn, bn or frozen"),
         ("model.bn_group_size", m.bn_group_size >= 0, "must be >= 0 (0 = not set)"),
+        ("model.syncbn_impl", m.syncbn_impl in ("plain", "fused"), "must be plain or fused"),
         ("model.bn_size", m.bn_size >= 0, "must be >= 0 (0 = not set)"),
         ("model.bn_size", not (m.bn_size and m.bn_group_size),
          f"set either model.bn_size (images) or model.bn_group_size (ranks), not both "

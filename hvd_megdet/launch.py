@@ -23,6 +23,12 @@ import horovod.torch as hvd
 
 from hvd_megdet import dist
 from hvd_megdet.dist import DistError
+from hvd_megdet.errors import UserError
+
+class LaunchSettingError(UserError, DistError):
+    """A launch setting (an environment variable) that cannot work: the same error on every rank,
+    before any collective; a user error (exit 2: a restart would fail the same way)."""
+
 
 _comm: list[Any] = []  # mpi4py's COMM_WORLD when MPI runs the job (kept for restarts)
 
@@ -92,7 +98,13 @@ def init(bn_group_size: int | Iterable[int] | None = None, timeline: str = "") -
         # Horovod's background cycle: 0.1 ms instead of 1 ms (benchmarks/syncbn.json: ResNet-50 BN
         # layers 228 -> 74 ms per iteration under MPI; shapes_tiny 3.26 -> 3.51 it/s).
         os.environ.setdefault("HOROVOD_CYCLE_TIME", "0.1")
-        if not torch.cuda.is_available():
+        if torch.cuda.is_available():
+            # A CUDA allreduce then completes in stream order (the caller's stream waits on Horovod's
+            # event) instead of the host waiting with cudaEventSynchronize: without it every SyncBN
+            # collective (2 per BN layer) drains the GPU's queue. Correct while all the work is on
+            # the default stream, as here (README "GPU performance"). The user's value wins.
+            os.environ.setdefault("HOROVOD_ENABLE_ASYNC_COMPLETION", "1")
+        else:
             # CPU ranks share cores with Horovod's background thread: Open MPI's default
             # busy-wait steals them from compute (measured: 2.1 -> 2.7 it/s for shapes_tiny
             # on 2 ranks / 2 cores). Read by MPI_Init inside hvd.init; the user's value wins.
@@ -107,6 +119,8 @@ def init(bn_group_size: int | Iterable[int] | None = None, timeline: str = "") -
         if not isinstance(k, int) or k < 1 or world % k != 0:
             raise DistError(f"BN group size {k!r} does not divide the world size {world} "
                             f"(rank {hvd.rank()}): choose a divisor of {world}")
+    if any(1 < k < world for k in sizes):
+        check_nccl_streams()
     known = dist.registered_bn_groups()
     for k in sizes:
         if k == 1:
@@ -136,6 +150,23 @@ def init(bn_group_size: int | Iterable[int] | None = None, timeline: str = "") -
         raise DistError(f"Horovod restarted with {hvd.size()} ranks instead of {world} (rank {hvd.rank()})")
     for k in groups:
         dist.register_bn_group(k, next(ps for ps in blocks[k] if ps.included()))
+
+
+def check_nccl_streams() -> None:
+    """Refuse ``HOROVOD_NUM_NCCL_STREAMS`` > 1 with BN groups: Horovod 0.28.1 picks a GPU op's NCCL
+    communicator by ONE per-process counter that advances on every NCCL op the rank runs
+    (common/ops/gpu_operations.cc:139-141, nccl_operations.cc:96-99), so ranks of different BN groups
+    drift apart and pick different communicators for the same global collective: a hang."""
+    raw = os.environ.get("HOROVOD_NUM_NCCL_STREAMS", "").strip()
+    try:
+        streams = int(raw) if raw else 1
+    except ValueError:
+        streams = 1  # Horovod itself would fail on it; not this check's business
+    if streams > 1:
+        raise LaunchSettingError(f"HOROVOD_NUM_NCCL_STREAMS={raw} (horovodrun --num-nccl-streams) with BN groups smaller "
+                        f"than the world hangs Horovod 0.28.1's NCCL ops (ranks of different groups pick different "
+                        f"communicators for the same collective; README \"GPU performance\"): unset it or set it to "
+                        f"1 (rank {hvd.rank()})")
 
 
 def controller() -> str:

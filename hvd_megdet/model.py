@@ -46,7 +46,7 @@ def norm_layer(cfg: ModelConfig, bn_group_ranks: int | None):
     """``bn_group_ranks``: ranks per SyncBN group in training (plan.bn_groups); ``None`` = all ranks.
     Evaluation never communicates, so any value works there."""
     if cfg.norm == "syncbn":
-        return partial(SyncBatchNorm, group_size=bn_group_ranks)
+        return partial(SyncBatchNorm, group_size=bn_group_ranks, impl=cfg.syncbn_impl)
     return {"bn": nn.BatchNorm2d, "frozen": FrozenBatchNorm2d}[cfg.norm]
 
 
@@ -230,11 +230,11 @@ def build_model(cfg: Config, num_classes: int, bn_group_ranks: int | None = None
 
 
 def describe_norms(model: nn.Module) -> str:
-    """What normalisation the model holds, e.g. 'SyncBatchNorm(group_size=16) x53' — logged at start."""
+    """What normalisation the model holds, e.g. 'SyncBatchNorm(group_size=16, plain) x53' — logged at start."""
     counts = Counter()
     for mod in model.modules():
         if isinstance(mod, SyncBatchNorm):
-            counts[f"SyncBatchNorm(group_size={mod.group_size or 'all'})"] += 1
+            counts[f"SyncBatchNorm(group_size={mod.group_size or 'all'}, {mod.impl})"] += 1
         elif isinstance(mod, NORM_TYPES):
             counts[type(mod).__name__] += 1
     return ", ".join(f"{k} x{v}" for k, v in counts.items()) or "no normalisation layers"

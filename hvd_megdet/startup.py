@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from hvd_megdet import data, dist, rng
-from hvd_megdet.config import Config, ModelConfig
+from hvd_megdet.config import Config, ConfigError, ModelConfig
 from hvd_megdet.device import describe_device, select_device
 from hvd_megdet.model import WeightsError, build_model, fetch_weights, load_detector_weights as _load, weights_path
 
@@ -30,6 +30,10 @@ def choose_device(cfg: Config, log) -> torch.device:
     """``train.device`` agreed by every rank (collective 1), logged; ``train.threads_per_rank``."""
     dev = select_device(cfg.train.device)  # a missing GPU fails here, before any other collective
     log.info("device: %s", describe_device(dev))
+    if cfg.model.norm == "syncbn" and cfg.model.syncbn_impl == "fused" and dev.type != "cuda":
+        # every rank agreed on the device: every rank raises this alike
+        raise ConfigError(f"model.syncbn_impl=fused needs a CUDA device (torch's fused BatchNorm kernels have no "
+                          f"{dev.type} implementation); this job runs on {dev.type}: use model.syncbn_impl=plain")
     if cfg.train.threads_per_rank:
         torch.set_num_threads(cfg.train.threads_per_rank)
     return dev

@@ -10,6 +10,20 @@ group's process set:
 * backward: one allreduce (fp32, 2C values) of per-channel ``Σdy`` and
   ``Σdy·(x − μ)``.
 
+Two implementations of the same two collectives (``model.syncbn_impl``):
+
+* ``plain`` (the default, any device): torch's elementwise ops, ~8 passes over the
+  activations forward and ~18 backward;
+* ``fused`` (CUDA tensors only): torch's fused BN kernels (``batch_norm_stats``,
+  ``batch_norm_elemt``, ``batch_norm_backward_reduce``, ``batch_norm_backward_elemt``),
+  ~3 passes forward and ~5 backward. Each rank's mean and variance come from the
+  kernel's Welford pass (no cancellation at any |mean|/std); they travel as the same
+  fp64 ``Σx``, ``Σx²``, count (exact in fp64: Chan's parallel formula written as
+  sums) and the backward sums are ``Σdy`` and ``Σdy·(x − μ)`` (torch's convention).
+  These kernels have no CPU implementation: the CPU tests run this path's control
+  flow with reference kernels (tests/workers/fused_reference.py); a GPU validates
+  the kernels (scripts/gpu_check.sh, step syncbn).
+
 A rank may hold zero samples: it contributes zeros to both sums and still joins
 both collectives, so nothing hangs. Weight and bias gradients are each rank's
 local share (as ``torch.nn.SyncBatchNorm``): Horovod's gradient averaging then
@@ -30,6 +44,19 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from hvd_megdet import dist
 
 _layer_ids = itertools.count()  # collective names: layers are built in the same order on every rank
+IMPLS = ("plain", "fused")
+
+
+class FusedKernels:
+    """torch's fused BatchNorm kernels, the only ones ``impl="fused"`` calls (CUDA only; a test
+    swaps in reference implementations to run this path's control flow on a CPU)."""
+    stats = staticmethod(torch.batch_norm_stats)                      # (x, eps) -> mean, invstd
+    elemt = staticmethod(torch.batch_norm_elemt)                      # (x, w, b, mean, invstd, eps) -> y
+    backward_reduce = staticmethod(torch.batch_norm_backward_reduce)  # -> Σdy, Σdy(x-μ), dw, db
+    backward_elemt = staticmethod(torch.batch_norm_backward_elemt)    # -> dx
+
+
+FUSED = FusedKernels()
 
 
 def _reduce_dims(x: torch.Tensor) -> list[int]:
@@ -75,6 +102,61 @@ class _SyncBNFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
+class _FusedSyncBNFunction(torch.autograd.Function):
+    """The same two collectives as :class:`_SyncBNFunction`, with torch's fused kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, eps, count, process_set, name):
+        if not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous()
+        ctx.save_for_backward(x, weight, mean, invstd, count.to(torch.int32).view(1))
+        ctx.process_set, ctx.name = process_set, name
+        if x.numel() == 0:
+            return torch.empty_like(x)
+        return FUSED.elemt(x, weight, bias, mean, invstd, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w, need_b = need_w and weight is not None, need_b and weight is not None
+        if not dy.is_contiguous() and not dy.is_contiguous(memory_format=torch.channels_last):
+            dy = dy.contiguous()
+        grad_x = grad_w = grad_b = None
+        if x.numel():
+            sum_dy, sum_dy_xmu, grad_w, grad_b = FUSED.backward_reduce(dy, x, mean, invstd, weight,
+                                                                      need_x, need_w, need_b)
+        else:  # an empty rank: zero shares, and it still joins the collective
+            c = mean.numel()
+            sum_dy = sum_dy_xmu = torch.zeros(c, dtype=mean.dtype, device=mean.device)
+            if weight is not None:
+                grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(weight)
+        if need_x:
+            both = dist.allreduce(torch.cat([sum_dy.float(), sum_dy_xmu.float()]), op=dist.Sum,
+                                  name=ctx.name + ".bwd", process_set=ctx.process_set)
+            sum_dy, sum_dy_xmu = (t.contiguous() for t in both.chunk(2))
+            grad_x = FUSED.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count) \
+                if x.numel() else torch.zeros_like(x)
+        return (grad_x, grad_w if need_w else None, grad_b if need_b else None,
+                None, None, None, None, None, None)
+
+
+def local_sums(n: int, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``[Σx, Σx², n]`` in fp64 from a rank's count, mean and biased variance (the fused path's
+    payload; the plain path builds the same vector from shifted sums)."""
+    m, v = mean.double(), var.double()
+    return torch.cat([n * m, n * (v + m * m), torch.full((1,), float(n), dtype=torch.float64, device=m.device)])
+
+
+def group_moments(stats: torch.Tensor, c: int):
+    """Group mean, biased variance (fp32) and count from the allreduced ``[Σx, Σx², n]`` (fp64)."""
+    count = stats[-1]
+    total = count.clamp(min=1.0)
+    g_mean = stats[:c] / total
+    g_var = (stats[c:2 * c] / total - g_mean * g_mean).clamp(min=0.0)
+    return g_mean.float(), g_var.float(), count.float()
+
+
 class SyncBatchNorm(_BatchNorm):
     """Drop-in for ``nn.BatchNorm2d`` whose training statistics span a group of ranks.
 
@@ -83,21 +165,25 @@ class SyncBatchNorm(_BatchNorm):
     whole world must be registered with ``hvd_megdet.launch.init(bn_group_size=k)``.
     ``process_set``: an explicit Horovod process set instead (tools: ``dist.global_set()``
     runs the group path's real collectives even on one rank, to measure them).
+    ``impl``: ``plain`` or ``fused`` (CUDA tensors only; see the module docstring).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, group_size: int | None = None,
-                 device=None, dtype=None, process_set=None):
+                 device=None, dtype=None, process_set=None, impl: str = "plain"):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
             raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.impl = impl
         self.group_size = group_size
         self.process_set = process_set
         self._name = f"syncbn.{next(_layer_ids)}"
         self.last_group_count: torch.Tensor | None = None  # values per channel in the last group batch
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
+        return super().extra_repr() + f", group_size={self.group_size}, impl={self.impl}"
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -120,16 +206,23 @@ class SyncBatchNorm(_BatchNorm):
             return self._local_bn(x)
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
+        fused = self.impl == "fused"
+        if fused and x.device.type == "cpu" and isinstance(FUSED, FusedKernels):
+            raise RuntimeError("SyncBatchNorm impl='fused' (model.syncbn_impl=fused) needs CUDA tensors: torch's "
+                               "fused BatchNorm kernels have no CPU implementation; use model.syncbn_impl=plain")
         with torch.no_grad():
             # No host synchronisation here (a GPU would stall once per layer): the count stays a
             # tensor; the engine reads every layer's (group_counts) with the losses, once per pass.
-            mean, var, count = self._group_stats(x, process_set)
+            mean, var, count = self._group_stats(x, process_set, fused)
             self.last_group_count = count
             if self.training and self.track_running_stats:
                 m = self._momentum()
                 unbiased = var * (count / (count - 1).clamp(min=1.0))
                 self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
                 self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        if fused:
+            return _FusedSyncBNFunction.apply(x, self.weight, self.bias, mean, torch.rsqrt(var + self.eps),
+                                              self.eps, count, process_set, self._name)
         return _SyncBNFunction.apply(x, self.weight, self.bias, mean, var, self.eps, count.clamp(min=1.0),
                                      process_set, self._name)
 
@@ -140,31 +233,32 @@ class SyncBatchNorm(_BatchNorm):
                             self.training or not self.track_running_stats,
                             self._momentum() if self.training and self.track_running_stats else 0.0, self.eps)
 
-    def _group_stats(self, x: torch.Tensor, process_set):
-        """Group mean and biased variance (fp32) and the group's count, by one allreduce.
+    def _group_stats(self, x: torch.Tensor, process_set, fused: bool):
+        """Group mean and biased variance (fp32) and the group's count, by one allreduce of
+        ``[Σx, Σx², n]`` in fp64, where the final ``E[x²] − E[x]²`` is exact enough.
 
-        Each rank sums ``d = x − K`` and ``d²`` in fp32 with ``K`` one of its own values per
-        channel (so |d| ~ std: no cancellation), then expresses them as ``Σx`` and ``Σx²``
-        in fp64, where the final ``E[x²] − E[x]²`` is exact enough.
+        plain: each rank sums ``d = x − K`` and ``d²`` in fp32 with ``K`` one of its own values
+        per channel (so |d| ~ std: no cancellation), then expresses them as ``Σx`` and ``Σx²``.
+        fused: the kernel's Welford mean and ``1/sqrt(var + eps)``, turned back into the sums.
         """
         c = x.shape[1]
         n = x.numel() // c if x.numel() else 0
-        zeros = torch.zeros(c, dtype=torch.float64, device=x.device)
-        s1 = s2 = k = zeros
-        if n:
+        if n and fused:
+            mean, invstd = FUSED.stats(x if x.is_contiguous(memory_format=torch.channels_last) else x.contiguous(),
+                                       self.eps)
+            stats = local_sums(n, mean, invstd.double().pow(-2) - self.eps)
+        elif n:
             shift = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)].float()  # x[0, :, 0, 0]
             d = x.detach().float() - _bcast(shift, x)
             s1 = d.sum(_reduce_dims(x)).double()
             s2 = d.square_().sum(_reduce_dims(x)).double()
             k = shift.double()
-        stats = torch.cat([n * k + s1, s2 + 2 * k * s1 + n * k * k,
-                           torch.full((1,), float(n), dtype=torch.float64, device=x.device)])  # no host copy
+            stats = torch.cat([n * k + s1, s2 + 2 * k * s1 + n * k * k,
+                               torch.full((1,), float(n), dtype=torch.float64, device=x.device)])  # no host copy
+        else:  # an empty rank: zeros, and it still joins the collective
+            stats = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
         stats = dist.allreduce(stats, op=dist.Sum, name=self._name + ".fwd", process_set=process_set)
-        count = stats[-1]
-        total = count.clamp(min=1.0)
-        g_mean = stats[:c] / total
-        g_var = (stats[c:2 * c] / total - g_mean * g_mean).clamp(min=0.0)
-        return g_mean.float(), g_var.float(), count.float()
+        return group_moments(stats, c)
 
 
 def group_counts(model: nn.Module) -> tuple[list[str], torch.Tensor | None]:
@@ -219,7 +313,7 @@ def average_running_stats(model: nn.Module, name: str = "bn_running_stats") -> i
 
 
 def convert_sync_batchnorm(module: nn.Module, group_size: int | None = None,
-                           convert_frozen: bool = False) -> nn.Module:
+                           convert_frozen: bool = False, impl: str = "plain") -> nn.Module:
     """Replace every ``BatchNorm2d`` (and, with ``convert_frozen``, torchvision's
     ``FrozenBatchNorm2d``, made trainable) by :class:`SyncBatchNorm`, keeping
     weights, buffers, device, dtype and train/eval mode. Returns the new module."""
@@ -228,7 +322,7 @@ def convert_sync_batchnorm(module: nn.Module, group_size: int | None = None,
     out = module
     if isinstance(module, nn.BatchNorm2d):
         out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, group_size)
+                            module.track_running_stats, group_size, impl=impl)
         with torch.no_grad():
             if module.affine:
                 out.weight.copy_(module.weight)
@@ -242,7 +336,7 @@ def convert_sync_batchnorm(module: nn.Module, group_size: int | None = None,
         out.to(device=module.running_mean.device if module.running_mean is not None else None)
         out.train(module.training)
     elif convert_frozen and isinstance(module, FrozenBatchNorm2d):
-        out = SyncBatchNorm(module.weight.numel(), module.eps, group_size=group_size)
+        out = SyncBatchNorm(module.weight.numel(), module.eps, group_size=group_size, impl=impl)
         with torch.no_grad():
             out.weight.copy_(module.weight)
             out.bias.copy_(module.bias)
@@ -251,7 +345,7 @@ def convert_sync_batchnorm(module: nn.Module, group_size: int | None = None,
         out.to(module.weight.device)
         out.train(module.training)
     for name, child in module.named_children():
-        new = convert_sync_batchnorm(child, group_size, convert_frozen)
+        new = convert_sync_batchnorm(child, group_size, convert_frozen, impl)
         if new is not child:
             out.add_module(name, new)
     return out

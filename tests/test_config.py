@@ -32,6 +32,7 @@ def test_overrides_and_roundtrip(tmp_path):
     (["solver.base_lr=-1"], "solver.base_lr"),
     (["solver.steps=[900,100]", "solver.max_iter=1000"], "solver.steps"),
     (["model.norm=groupnorm"], "model.norm"),
+    (["model.syncbn_impl=cuda"], "model.syncbn_impl"),
     (["data.hflip_prob=2"], "data.hflip_prob"),
     (["justakey"], "key=value"),
     (["model.bn_size=8", "model.bn_group_size=2"], "not both"),

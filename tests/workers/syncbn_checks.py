@@ -5,13 +5,17 @@ slice and the reference on its group's concatenation, and records, per case,
 whether output, input gradient, weight/bias gradients (summed over the group)
 and running statistics match. Launched by tests/test_sync_bn.py.
 """
+import os
+
 import torch
 import horovod.torch as hvd
 from torch import nn
 
-from hvd_megdet import dist, launch
+from hvd_megdet import dist, launch, sync_bn
+from hvd_megdet.errors import UserError
 from hvd_megdet.sync_bn import SyncBatchNorm, average_running_stats, check_group_counts, convert_sync_batchnorm
 from tests.workers.common import main
+from tests.workers.fused_reference import ReferenceKernels
 
 C, H, W = 8, 5, 4
 COLLECTIVES = ("allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "grouped_allreduce",
@@ -45,13 +49,13 @@ def group_slices(counts, group):
 
 
 def compare(counts, group_size, steps=3, momentum=0.1, dtype=torch.float32, mean=0.0, std=1.0,
-            channels_last=False, tol=1e-5, ref_dtype=torch.float32, stat_tol=1e-5):
+            channels_last=False, tol=1e-5, ref_dtype=torch.float32, stat_tol=1e-5, impl="plain"):
     """One case: ``steps`` training iterations of SyncBN vs the reference. Returns a list of failures."""
     r = dist.rank()
     group = dist.bn_group_ranks(group_size)
     offsets, lo, hi = group_slices(counts, group)
     gen = torch.Generator().manual_seed(1234)
-    sbn = SyncBatchNorm(C, momentum=momentum, group_size=group_size)
+    sbn = SyncBatchNorm(C, momentum=momentum, group_size=group_size, impl=impl)
     ref = nn.BatchNorm2d(C, momentum=momentum).to(ref_dtype)
     with torch.no_grad():
         w, b = torch.rand(C, generator=gen) + 0.5, torch.randn(C, generator=gen)
@@ -118,6 +122,7 @@ def checks(args):
             out["bad_group_error"] = None
         except dist.DistError as e:
             out["bad_group_error"] = str(e)
+    out["nccl_streams"] = nccl_streams_refused()
     groups = [None] + ([2] if n == 4 else [])
     launch.init(bn_group_size=[k for k in groups if k])
     count_collectives()
@@ -137,15 +142,30 @@ def checks(args):
     out["naive_large_mean_rel_error"] = naive_variance_error(1e4, 10.0)
     cases["fp16"] = compare(uneven, None, dtype=torch.float16, tol=2e-3)
     cases["bf16"] = compare(uneven, None, dtype=torch.bfloat16, tol=2e-2)
+    out["fused_cpu_error"] = fused_cpu_error()
+    # impl="fused": the same cases through its control flow, torch's CUDA-only kernels replaced by
+    # reference ones (tests/workers/fused_reference.py)
+    sync_bn.FUSED = ReferenceKernels()
+    for k in groups:
+        tag = f"fused/g{k or n}"
+        cases[f"{tag}/equal"] = compare([2] * n, k, impl="fused")
+        cases[f"{tag}/uneven"] = compare(uneven, k, impl="fused")
+        cases[f"{tag}/empty_rank"] = compare(empty, k, impl="fused") if n > 1 else []
+    cases["fused/channels_last"] = compare(uneven, None, channels_last=True, impl="fused")
+    cases["fused/large_mean"] = compare(uneven, None, mean=1e4, std=10.0, ref_dtype=torch.float64, tol=1e-3,
+                                        impl="fused")
+    cases["fused/fp16"] = compare(uneven, None, dtype=torch.float16, tol=2e-3, impl="fused")
+    out["fused_kernel_calls"] = dict(ReferenceKernels.calls)
     out["cases"] = cases
 
     # Collectives per layer per iteration (training), and none in eval.
-    layers = nn.Sequential(SyncBatchNorm(C), nn.ReLU(), nn.Conv2d(C, C, 1), SyncBatchNorm(C),
-                           nn.Conv2d(C, C, 1), SyncBatchNorm(C))
-    x = torch.randn(2, C, H, W, requires_grad=True)
-    before = calls["n"]
-    layers(x).sum().backward()
-    out["train_collectives_per_layer"] = (calls["n"] - before) / 3
+    for impl in ("fused", "plain"):
+        layers = nn.Sequential(SyncBatchNorm(C, impl=impl), nn.ReLU(), nn.Conv2d(C, C, 1), SyncBatchNorm(C, impl=impl),
+                               nn.Conv2d(C, C, 1), SyncBatchNorm(C, impl=impl))
+        x = torch.randn(2, C, H, W, requires_grad=True)
+        before = calls["n"]
+        layers(x).sum().backward()
+        out[f"train_collectives_per_layer{'_fused' if impl == 'fused' else ''}"] = (calls["n"] - before) / 3
     layers.eval()
     before = calls["n"]
     with torch.no_grad():
@@ -171,6 +191,36 @@ def checks(args):
     if n == 1:
         out["resnet50"] = resnet50_conversion()
     return out
+
+
+def nccl_streams_refused() -> dict:
+    """HOROVOD_NUM_NCCL_STREAMS > 1 with BN groups smaller than the world is refused before any
+    collective (Horovod 0.28.1 would hang on GPUs); with a group of the whole world it is allowed."""
+    res = {}
+    os.environ["HOROVOD_NUM_NCCL_STREAMS"] = "2"
+    try:
+        for k in {1, dist.size()}:
+            launch.init(bn_group_size=k)  # local BN and the whole world: no process set of its own
+        res["whole_world_ok"] = True
+        if dist.size() > 1 and dist.size() % 2 == 0 and dist.size() > 2:
+            try:
+                launch.init(bn_group_size=2)
+                res["error"] = None
+            except launch.LaunchSettingError as e:
+                res["error"], res["user_error"] = str(e), isinstance(e, UserError)
+    finally:
+        del os.environ["HOROVOD_NUM_NCCL_STREAMS"]
+    return res
+
+
+def fused_cpu_error():
+    """impl='fused' with torch's own kernels on a CPU tensor: a clear error, not torch's dispatch one."""
+    layer = SyncBatchNorm(C, impl="fused", process_set=dist.global_set())
+    try:
+        layer(torch.randn(2, C, H, W))
+        return None
+    except RuntimeError as e:
+        return str(e)
 
 
 def host_reads_in_training_forward(layers) -> int:
