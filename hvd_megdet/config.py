@@ -39,7 +39,8 @@ class DataConfig:
     # the embedded shapes set (dataset: shapes)
     shapes_train: int = 800
     shapes_val: int = 100
-    shapes_image_size: int = 128
+    shapes_image_size: int = 128          # px (height; and width unless shapes_width)
+    shapes_width: int = 0                 # px; 0 = square images
     shapes_seed: int = 0
 
 
@@ -191,6 +192,7 @@ def validate(cfg: Config) -> None:
         ("data.shapes_train", d.shapes_train > 0, "must be > 0"),
         ("data.shapes_val", d.shapes_val > 0, "must be > 0"),
         ("data.shapes_image_size", d.shapes_image_size >= 64, "must be >= 64"),
+        ("data.shapes_width", d.shapes_width == 0 or d.shapes_width >= 64, "must be 0 (square) or >= 64"),
         ("model.backbone", m.backbone in ("resnet50", "resnet18", "tiny"), "must be resnet50, resnet18 or tiny"),
         ("model.norm", m.norm in ("syncbn", "bn", "frozen"), "must be syncbn, bn or frozen"),
         ("model.bn_group_size", m.bn_group_size >= 0, "must be >= 0 (0 = not set)"),

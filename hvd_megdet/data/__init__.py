@@ -26,7 +26,8 @@ __all__ = ["CocoDetection", "DataError", "DatasetTooSmall", "dataset_root", "pre
 
 def dataset_root(cfg: DataConfig) -> Path:
     if cfg.dataset == "shapes" and not cfg.root:
-        return shapes.default_root(cfg.shapes_train, cfg.shapes_val, cfg.shapes_image_size, cfg.shapes_seed)
+        return shapes.default_root(cfg.shapes_train, cfg.shapes_val, cfg.shapes_image_size, cfg.shapes_seed,
+                                   cfg.shapes_width)
     return Path(cfg.root).expanduser()
 
 
@@ -34,7 +35,8 @@ def prepare(cfg: DataConfig, log=None) -> Path:
     """Create the shapes set if needed (call on one rank per node, then barrier)."""
     root = dataset_root(cfg)
     if cfg.dataset == "shapes":
-        shapes.ensure(root, cfg.shapes_train, cfg.shapes_val, cfg.shapes_image_size, cfg.shapes_seed, log)
+        shapes.ensure(root, cfg.shapes_train, cfg.shapes_val, cfg.shapes_image_size, cfg.shapes_seed, log,
+                      cfg.shapes_width)
     return root
 
 
