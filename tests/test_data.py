@@ -152,3 +152,20 @@ def test_shapes_generator_deterministic(tmp_path):
         per_image[x["image_id"]] = per_image.get(x["image_id"], 0) + 1
     assert all(1 <= v <= 6 for v in per_image.values())
     assert (a / "train" / "000000.jpg").read_bytes() == (b / "train" / "000000.jpg").read_bytes()
+
+
+def test_shapes_wide_images(tmp_path):
+    """data.shapes_width: images height x width (COCO's 800 x 1216 for GPU timings), every box inside,
+    recorded sizes equal to the files'; the square default is unchanged (its cache name too)."""
+    from PIL import Image
+    root = shapes.ensure(tmp_path / "wide", 5, 2, 64, seed=3, width=150)
+    coco = json.loads((root / "annotations/instances_train.json").read_text())
+    sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
+    assert set(sizes.values()) == {(150, 64)}
+    assert Image.open(root / "train" / "000000.jpg").size == (150, 64)
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= 150 and y + h <= 64
+    assert max(a["bbox"][0] + a["bbox"][2] for a in coco["annotations"]) > 64  # the width is used
+    assert shapes.default_root(8, 2, 64, 0).name == "shapes-v2-8-2-64px-seed0"
+    assert shapes.default_root(8, 2, 64, 0, width=150).name == "shapes-v2-8-2-64x150px-seed0"
