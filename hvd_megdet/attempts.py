@@ -23,6 +23,9 @@ from pathlib import Path
 from hvd_megdet.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR
 
 _SRUN = re.compile(r"srun: error: (\S+): tasks? (\d+)(?:[-,]\d+)*: (.+)")
+# a node lost as a whole (power, kernel, network): SLURM says so; its ranks could not say a word and the
+# survivors' reports (a broken peer, the watchdog) are consequences
+_NODE_FAILURE = re.compile(r"srun: error: Node failure on (\S+)")
 _MPIRUN = re.compile(r"process rank (\d+) with PID \d+ on node (\S+) exited on signal (\d+) \((\w+)\)")
 _PROCESS = re.compile(r"Process name: (?:\[\[\d+,\d+\],(\d+)\]|(\d+))")
 _EXIT = re.compile(r"Exit code: (-?\d+)")
@@ -33,7 +36,7 @@ _NODE_SIGNS = re.compile("|".join([
     # the process was killed (srun: "task 5: Killed", "Segmentation fault", "Bus error"; mpirun's
     # "exited on signal 9"; horovodrun's "Exit code: 137" -> launcher_first's "killed by signal 9")
     r"\bKilled\b", r"killed by signal", r"exited on signal", r"Segmentation fault", r"Bus error",
-    r"NODE_FAIL",
+    r"NODE_FAIL", r"node failure",
     # the GPU or its driver: ECC (cudaErrorECCUncorrectable, CUDA_ERROR_ECC_UNCORRECTABLE), NVLink,
     # Xid lines of the driver ("NVRM: Xid (PCI:0000:3b:00): 79, ..."), a GPU gone from the bus,
     # "unspecified launch failure" (cudaErrorLaunchFailure: the kernel died on the device, usually with
@@ -118,6 +121,10 @@ def classify(code: int, status_dir, launcher_text: str = "", rank_hosts: list[st
         kind = "done"
     elif "preempted" in kinds or code == EXIT_PREEMPTED:
         kind = "preempted"
+    elif _NODE_FAILURE.search(launcher_text):
+        kind = "crash"
+        first = {"rank": -1, "host": _NODE_FAILURE.search(launcher_text)[1],
+                 "reason": f"node failure ({_NODE_FAILURE.search(launcher_text)[0].strip()})"}
     else:
         kind = "crash"
         reported = {r["rank"] for r in records}

@@ -30,10 +30,6 @@ def choose_device(cfg: Config, log) -> torch.device:
     """``train.device`` agreed by every rank (collective 1), logged; ``train.threads_per_rank``."""
     dev = select_device(cfg.train.device)  # a missing GPU fails here, before any other collective
     log.info("device: %s", describe_device(dev))
-    if cfg.model.norm == "syncbn" and cfg.model.syncbn_impl == "fused" and dev.type != "cuda":
-        # every rank agreed on the device: every rank raises this alike
-        raise ConfigError(f"model.syncbn_impl=fused needs a CUDA device (torch's fused BatchNorm kernels have no "
-                          f"{dev.type} implementation); this job runs on {dev.type}: use model.syncbn_impl=plain")
     if cfg.train.threads_per_rank:
         torch.set_num_threads(cfg.train.threads_per_rank)
     return dev
@@ -51,6 +47,11 @@ def build(cfg: Config, log, bn_group_ranks: int | None = None) -> Ready:
     in the module's order). ``bn_group_ranks``: the training BN groups (None for evaluation).
     Leaves the RNG seeded per rank (RPN/ROI sampling; saved in checkpoints)."""
     dev = choose_device(cfg, log)
+    if bn_group_ranks is not None and cfg.model.norm == "syncbn" and cfg.model.syncbn_impl == "fused" \
+            and dev.type != "cuda":  # training only: evaluation never reaches the fused path
+        # every rank agreed on the device: every rank raises this alike
+        raise ConfigError(f"model.syncbn_impl=fused needs a CUDA device (torch's fused BatchNorm kernels have no "
+                          f"{dev.type} implementation); this job runs on {dev.type}: use model.syncbn_impl=plain")
     rng.seed_all(cfg.train.seed)  # identical initialisation everywhere (then broadcast anyway)
     prepare_data_and_weights(cfg, log)
     val_ds = data.val_dataset(cfg.data)

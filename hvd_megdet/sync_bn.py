@@ -17,9 +17,12 @@ Two implementations of the same two collectives (``model.syncbn_impl``):
 * ``fused`` (CUDA tensors only): torch's fused BN kernels (``batch_norm_stats``,
   ``batch_norm_elemt``, ``batch_norm_backward_reduce``, ``batch_norm_backward_elemt``),
   ~3 passes forward and ~5 backward. Each rank's mean and variance come from the
-  kernel's Welford pass (no cancellation at any |mean|/std); they travel as the same
-  fp64 ``Σx``, ``Σx²``, count (exact in fp64: Chan's parallel formula written as
-  sums) and the backward sums are ``Σdy`` and ``Σdy·(x − μ)`` (torch's convention).
+  kernel's Welford pass (no cancellation within a rank); they travel as the same
+  fp64 ``Σx``, ``Σx²``, count (Chan's parallel formula written as sums). The kernel
+  returns the rank's mean in fp32, whose rounding (|μ|·6e-8) enters the group
+  variance as ~2·|μ|·6e-8·|μ_rank − μ|: 2e-5 relative at |μ|/σ = 1e3 (torch's own
+  SyncBatchNorm has the same limit; the plain path's shift keeps 1e-6). The backward
+  sums are ``Σdy`` and ``Σdy·(x − μ)`` (torch's convention).
   These kernels have no CPU implementation: the CPU tests run this path's control
   flow with reference kernels (tests/workers/fused_reference.py); a GPU validates
   the kernels (scripts/gpu_check.sh, step syncbn).
@@ -109,7 +112,8 @@ class _FusedSyncBNFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mean, invstd, eps, count, process_set, name):
         if not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous()
-        ctx.save_for_backward(x, weight, mean, invstd, count.to(torch.int32).view(1))
+        # the kernel's count: int32 (from the fp64 total: exact to 2^31 values per channel)
+        ctx.save_for_backward(x, weight, mean, invstd, count.round().to(torch.int32).view(1))
         ctx.process_set, ctx.name = process_set, name
         if x.numel() == 0:
             return torch.empty_like(x)
@@ -213,7 +217,7 @@ class SyncBatchNorm(_BatchNorm):
         with torch.no_grad():
             # No host synchronisation here (a GPU would stall once per layer): the count stays a
             # tensor; the engine reads every layer's (group_counts) with the losses, once per pass.
-            mean, var, count = self._group_stats(x, process_set, fused)
+            (mean, var, count), count64 = self._group_stats(x, process_set, fused)
             self.last_group_count = count
             if self.training and self.track_running_stats:
                 m = self._momentum()
@@ -222,7 +226,7 @@ class SyncBatchNorm(_BatchNorm):
                 self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
         if fused:
             return _FusedSyncBNFunction.apply(x, self.weight, self.bias, mean, torch.rsqrt(var + self.eps),
-                                              self.eps, count, process_set, self._name)
+                                              self.eps, count64, process_set, self._name)
         return _SyncBNFunction.apply(x, self.weight, self.bias, mean, var, self.eps, count.clamp(min=1.0),
                                      process_set, self._name)
 
@@ -246,7 +250,7 @@ class SyncBatchNorm(_BatchNorm):
         if n and fused:
             mean, invstd = FUSED.stats(x if x.is_contiguous(memory_format=torch.channels_last) else x.contiguous(),
                                        self.eps)
-            stats = local_sums(n, mean, invstd.double().pow(-2) - self.eps)
+            stats = local_sums(n, mean, (invstd.double().pow(-2) - self.eps).clamp(min=0.0))
         elif n:
             shift = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)].float()  # x[0, :, 0, 0]
             d = x.detach().float() - _bcast(shift, x)
@@ -258,7 +262,7 @@ class SyncBatchNorm(_BatchNorm):
         else:  # an empty rank: zeros, and it still joins the collective
             stats = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
         stats = dist.allreduce(stats, op=dist.Sum, name=self._name + ".fwd", process_set=process_set)
-        return group_moments(stats, c)
+        return group_moments(stats, c), stats[-1]
 
 
 def group_counts(model: nn.Module) -> tuple[list[str], torch.Tensor | None]:

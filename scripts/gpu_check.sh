@@ -12,14 +12,16 @@
 #                                                 $NODE_TORCHVISION (what the node has), timed
 #
 # Steps, in this order (expected seconds / limit on an H100-class node; README "Checking a GPU node"):
-#   deps 5/20  facts 10/25  peer 40/70  install 120/200  syncbn 25/45  megdet 80/110  megdet_sync 25/35
-#   shapes_tiny 25/35  -- limits sum to 540 s. The peer (torchvision's own model) needs no Horovod and
-#   runs before the install. A step starts only if its whole limit fits in what is left of the deadline.
+#   deps 5/20  facts 10/25  kernels 10/20  peer 40/65  install 120/200  syncbn 25/45  megdet 80/110
+#   megdet_sync 25/30  shapes_tiny 20/25  -- limits sum to 540 s. kernels (torch's fused BN kernels) and
+#   the peer (torchvision's own model) need no Horovod and run before the install. A step starts only if
+#   its whole limit fits in what is left of the deadline.
 # Options: --out DIR (default $OUT if set, else outputs/gpu_check), --only a,b / --skip a,b (steps),
 #          --deadline S (default 540)
 # Environment: GPU_CHECK_PYTHON (the node's interpreter with torch; default python3), GPU_CHECK_WORK
 #          (work folder; default a new /tmp/gpu_check.*), GPU_CHECK_CARRY (default build/gpu_check),
-#          GPU_CHECK_LIMIT_SCALE (multiplies every limit; default 1), GPU_CHECK_FORCE=1 (install even where
+#          GPU_CHECK_LIMIT_SCALE (an integer multiplying every limit and the deadline; default 1, --rehearse 4:
+#          this machine's tiny steps still outlast a GPU's), GPU_CHECK_FORCE=1 (install even where
 #          torch sees no GPU), HOROVOD_BUILD_CUDA_CC_LIST (default: the GPU's own capability),
 #          GPU_CHECK_SIZES=tiny (the rehearsal's sizes on a node: --rehearse-install uses it).
 # Exit: 0 when every step that ran is ok, 1 otherwise (gpu.json says which), 2 bad option.
@@ -86,13 +88,15 @@ if [ "$MODE" = rehearse-install ]; then
       "torchvision==$NODE_TORCHVISION" $NODE_PACKAGES
   fi
   [ -f "$CARRY/horovod-$HOROVOD_VERSION.tar.gz" ] || bash "$0" --prepare
+  # as a node comes: none of what its run installs (an earlier rehearsal's Horovod, the carried wheels)
+  "$NODE_VENV/bin/python" -m pip uninstall -y -q horovod hvd_megdet pycocotools omegaconf 2>/dev/null || true
   set +e
   W=$(mktemp -d /tmp/gpu_check_rehearse_install.XXXXXX)
   # limits x10: this machine's cores build Horovod far slower than a GPU node's
   GPU_CHECK_LIMIT_SCALE=${GPU_CHECK_LIMIT_SCALE:-10} GPU_CHECK_FORCE=1 GPU_CHECK_PYTHON="$NODE_VENV/bin/python" GPU_CHECK_WORK="$W" HVD_MEGDET_CACHE="$W/cache" \
     HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-90} GPU_CHECK_SIZES=tiny \
-    bash "$0" --out "${OUT_DIR:-$REPO/outputs/gpu_check_rehearse_install}" --only deps,facts,peer,install,syncbn \
-    --deadline "${GPU_CHECK_REHEARSE_DEADLINE:-3600}"
+    bash "$0" --out "${OUT_DIR:-$REPO/outputs/gpu_check_rehearse_install}" --only deps,facts,kernels,peer,install,syncbn \
+    --deadline "${GPU_CHECK_REHEARSE_DEADLINE:-540}"
   rc=$?
   rm -rf "$W"
   exit $rc
@@ -127,10 +131,14 @@ command -v "$RECPY" >/dev/null || RECPY=$PY
 STEP=$REPO/scripts/experiments/benchmark_gpu_step.py
 
 # name:expected:limit (seconds, on the node; the rehearsal's tiny sizes take less, its install more)
-PLAN="deps:5:20 facts:10:25 peer:40:70 install:120:200 syncbn:25:45 megdet:80:110 megdet_sync:25:35 shapes_tiny:25:35"
+PLAN="deps:5:20 facts:10:25 kernels:10:20 peer:40:65 install:120:200 syncbn:25:45 megdet:80:110 megdet_sync:25:30
+shapes_tiny:20:25"
+SCALE=${GPU_CHECK_LIMIT_SCALE:-$([ "$MODE" = rehearse ] && echo 4 || echo 1)}
+[[ "$SCALE" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check.sh: GPU_CHECK_LIMIT_SCALE must be a positive integer" >&2; exit 2; }
 commit=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
 "$RECPY" "$STEP" meta --json "$JSON" --set "{\"mode\": \"$MODE\", \"host\": \"$(hostname)\", \
-\"commit\": \"$commit\", \"started\": \"$(date -u +%FT%TZ)\", \"deadline_s\": $DEADLINE, \"plan\": \"$PLAN\", \
+\"commit\": \"$commit\", \"started\": \"$(date -u +%FT%TZ)\", \"deadline_s\": $DEADLINE, \"limit_scale\": $SCALE, \
+\"plan\": \"$(echo $PLAN)\", \
 \"steps_planned\": \"$(for p in $PLAN; do printf '%s ' "${p%%:*}"; done)\"}"
 
 wanted() {
@@ -143,11 +151,11 @@ step() {  # step NAME CMD... : runs CMD under NAME's limit if it fits; the comma
   shift
   wanted "$name" || return 0
   entry=$(for p in $PLAN; do [ "${p%%:*}" = "$name" ] && echo "$p"; done)
-  limit=$(( ${entry##*:} * ${GPU_CHECK_LIMIT_SCALE:-1} ))
-  left=$(( DEADLINE - ($(date +%s) - T0) ))
+  limit=$(( ${entry##*:} * SCALE ))
+  left=$(( DEADLINE * SCALE - ($(date +%s) - T0) ))
   if [ "$limit" -gt "$left" ]; then  # no step starts that cannot finish
     "$RECPY" "$STEP" record --json "$JSON" --step "$name" --rc 125 --seconds 0 \
-      --why "skipped: its limit (${limit}s) exceeds what is left of the ${DEADLINE}s deadline (${left}s)"
+      --why "skipped: its limit (${limit}s) exceeds what is left of the $((DEADLINE * SCALE))s deadline (${left}s)"
     return 0
   fi
   echo "[gpu_check] $name: start (limit ${limit}s, ${left}s left)"
@@ -206,7 +214,7 @@ else
 fi
 export PY STEP FIG
 
-# --- 1-3. deps, facts, the peer: nothing of Horovod needed ---------------------------------------
+# --- 1-4. deps, facts, the fused kernels, the peer: nothing of Horovod needed ---------------------------------------
 if [ "$MODE" = rehearse ]; then
   step deps "$PY" -c "import pycocotools, omegaconf, torchvision; print('deps importable')"
 else
@@ -215,11 +223,12 @@ else
     $(ls "$CARRY"/*.whl 2>/dev/null | grep -v -e '/horovod-' -e '/wheel-')
 fi
 step facts "$PY" "$STEP" facts --out "$FIG/facts.json"
+step kernels "$PY" "$STEP" kernels --out "$FIG/kernels.json" --image "$BN_IMAGE"
 # shellcheck disable=SC2086
 step peer "$PY" "$STEP" peer --out "$FIG/peer.json" --output-dir "$WORK/peer" --iters "$PEER_ITERS" \
   --warmup "$PEER_WARMUP" --config megdet_r50_fpn $MEGDET
 
-# --- 4. install -----------------------------------------------------------------------------------
+# --- 5. install -----------------------------------------------------------------------------------
 if [ "$MODE" = rehearse ]; then
   # the build itself takes minutes here: rehearse setup.sh's checks for the node's flavour (NCCL
   # where this machine has a CUDA toolkit) against the .venv's Horovod, not the build
@@ -235,7 +244,7 @@ else
 fi
 [ -f "$LOGS/install.log" ] && "$RECPY" "$STEP" setup-figures --json "$JSON" --log "$LOGS/install.log"
 
-# --- 5-7. SyncBN kernels; the megdet_r50_fpn training step; async completion off ---------------------
+# --- 6-8. SyncBN; the megdet_r50_fpn training step; async completion off ---------------------
 step syncbn "$PY" "$STEP" syncbn --out "$FIG/syncbn.json" --image "$BN_IMAGE" --iters "$BN_ITERS" --layers "$BN_LAYERS"
 # shellcheck disable=SC2086
 step megdet "$PY" "$STEP" megdet --out "$FIG/megdet.json" --output-dir "$WORK/megdet" --variants "$VARIANTS" \
@@ -245,7 +254,7 @@ step megdet_sync env HOROVOD_ENABLE_ASYNC_COMPLETION=0 "$PY" "$STEP" megdet --ou
   --output-dir "$WORK/megdet_sync" --variants "$SYNC_VARIANTS" --warmup "$WARMUP" --latency-iters "$LAT_ITERS" \
   --config megdet_r50_fpn $MEGDET
 
-# --- 8. shapes_tiny on the device: train with evaluation and checkpoints, resume, eval-only -------
+# --- 9. shapes_tiny on the device: train with evaluation and checkpoints, resume, eval-only -------
 ST=$WORK/shapes_tiny
 shapes_tiny() {
   set -e

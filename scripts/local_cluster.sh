@@ -10,7 +10,10 @@
 #   scripts/local_cluster.sh start DIR N        start N nodes (state, keys and logs in DIR)
 #   scripts/local_cluster.sh stop DIR           end everything start made (by the PIDs it recorded)
 #   scripts/local_cluster.sh status DIR         nodes, addresses, daemons
-#   scripts/local_cluster.sh exec DIR NODE CMD  run CMD on NODE (its hostname, network, mounts)
+#   scripts/local_cluster.sh exec DIR NODE CMD  run CMD on NODE (its hostname, network, mounts); NODE
+#                                               "head": the switch's own address (.254), where a
+#                                               controller (slurmctld) can live: scripts/local_slurm.sh
+#                                               start-nodes
 #   scripts/local_cluster.sh kill DIR NODE      power loss: every process of NODE killed (SIGKILL)
 #   scripts/local_cluster.sh link DIR NODE up|down   a network partition of NODE (its link set down)
 #
@@ -69,12 +72,15 @@ Host node*
   ConnectTimeout 10
 EOF
   chmod 700 "$DIR/ssh/client"; chmod 600 "$DIR/ssh/client/config" "$DIR/ssh/client/id_ed25519"
-  { echo "127.0.0.1 localhost"; for i in $(seq 1 "$n"); do echo "$NET.$i $(node "$i")"; done; } > "$DIR/hosts"
+  { echo "127.0.0.1 localhost"; echo "$NET.254 head"; for i in $(seq 1 "$n"); do echo "$NET.$i $(node "$i")"; done; } \
+    > "$DIR/hosts"
   echo "$n" > "$DIR/nodes"
   # the switch: a bridge in a namespace of its own
   ip netns add "$SW"
   ip -n "$SW" link add br0 type bridge
   ip -n "$SW" link set br0 up
+  ip -n "$SW" addr add "$NET.254/24" dev br0   # "head": reachable from every node
+  ip -n "$SW" link set lo up
   mkdir -p /run/sshd /root/.ssh  # sshd's privilege-separation dir; the mount point of the nodes' ssh config
   for i in $(seq 1 "$n"); do
     local name dir
@@ -115,7 +121,8 @@ echo ready > $dir/ready
 exec sleep infinity
 EOF
     rm -f "$dir/ready"
-    setsid ip netns exec "$(ns "$i")" unshare --uts --mount --propagation private bash "$dir/init.sh" \
+    # nsenter, not `ip netns exec`: that remounts /sys, which loses the machine's cgroup mounts (slurmd)
+    setsid nsenter --net="/run/netns/$(ns "$i")" unshare --uts --mount --propagation private bash "$dir/init.sh" \
       >>"$DIR/log/$name.out" 2>&1 < /dev/null &
     echo $! > "$dir/holder.pid"
   done
@@ -170,7 +177,12 @@ case "$cmd" in
   start) start "${3:?N}" ;;
   stop) stop ;;
   status) status ;;
-  exec) i=$(index "${3:?NODE}"); shift 3; on "$i" "$@" ;;
+  net) echo "$NET" ;;
+  exec)
+    if [ "${3:?NODE}" = head ]; then
+      shift 3; exec nsenter --net="/run/netns/$SW" unshare --uts bash -c 'hostname head && exec "$@"' head "$@"
+    fi
+    i=$(index "$3"); shift 3; on "$i" "$@" ;;
   kill) i=$(index "${3:?NODE}"); kill_node "$i"; ip -n "$SW" link set "v$i" down 2>/dev/null || true ;;
   link) i=$(index "${3:?NODE}"); ip -n "$SW" link set "v$i" "${4:?up|down}" ;;
   *) echo "local_cluster: unknown command '$cmd'" >&2; exit 2 ;;

@@ -6,7 +6,8 @@
 #   against) -> the project itself (editable) -> `horovodrun --check-build`.
 #
 # Options:
-#   --slurm                 also install Debian's SLURM + munge + PMIx (tests, local cluster)
+#   --slurm                 also install Debian's SLURM + munge + PMIx and openssh-server + iproute2
+#                           (tests: local SLURM cluster, scripts/local_cluster.sh)
 #   --no-system-packages    never call apt-get: use what PATH has (e.g. after `module load`); when
 #                           something is missing, print what to load and exit 2
 #   --check-only            check the prerequisites, print what was found and exit (0 ok, 2 missing)
@@ -158,6 +159,13 @@ if [ "$WITH_SLURM" = 1 ]; then
     found SLURM "$(command -v srun)"
   else
     lack SLURM "slurmctld slurmd slurm-client munge libpmix-dev" "slurm" "no ${slurm_missing[*]:-PMIx (libpmix-dev)} (--slurm: local test cluster)"
+  fi
+  # scripts/local_cluster.sh (real hosts in namespaces): an sshd per node, ip, nsenter
+  if [ -x /usr/sbin/sshd ] && command -v ssh >/dev/null && PATH="$PATH:/usr/sbin:/sbin" command -v ip >/dev/null \
+      && command -v nsenter >/dev/null; then
+    found "local cluster" "/usr/sbin/sshd, $(command -v ssh), nsenter"
+  else
+    lack "local cluster" "openssh-server openssh-client iproute2 util-linux" "" "no sshd/ssh/ip/nsenter (--slurm: scripts/local_cluster.sh)"
   fi
 fi
 

@@ -172,3 +172,70 @@ def test_pretrained_backbone_race(nodes):
     info = json.loads((folders[0] / "weights.json").read_text())
     from hvd_megdet import pretrain
     assert pretrain.state_digest(state) == info["digest"]
+
+
+@pytest.fixture(scope="module")
+def slurm_nodes():
+    """Three nodes, one slurmd on each (its own address), slurmctld on the cluster's head."""
+    c, s = SHARED / "slurm-cluster", SHARED / "slurm"
+    cluster("start", c, 3)
+    res = run(["bash", str(REPO / "scripts/local_slurm.sh"), "start-nodes", str(s), str(c)], timeout=90)
+    assert res.returncode == 0, res.stdout
+    env = {**launcher_env(), "SLURM_CONF": str(s / "slurm.conf"), "REPO": str(REPO),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    yield c, env
+    run(["bash", str(REPO / "scripts/local_slurm.sh"), "stop", str(s)], timeout=90)
+    cluster("stop", c, check=False)
+
+
+def head(c, env, *argv, timeout=60):
+    """A SLURM client on the cluster's head (the nodes' network: the controller's address lives there)."""
+    return subprocess.run(["bash", str(CLUSTER), "exec", str(c), "head", *argv], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_slurm_across_nodes_node_lost_excluded_and_completed(slurm_nodes):
+    """slurm/megdet.sbatch on 2 of 3 nodes x 2 tasks (srun --mpi=pmix across slurmd's on their own addresses);
+    one node loses power after the first checkpoint: SLURM reports the node failure, the job script blames
+    that node by name, requeues the job excluding it, and the job resumes on the other two and completes."""
+    import re
+    import time
+    c, env = slurm_nodes
+    work = SHARED / "sbatch"
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "out"
+    extra = ("solver.max_iter=48 solver.steps=[40] solver.warmup_iters=2 train.log_period=2 train.checkpoint_period=8 "
+             "train.eval_images=8 data.shapes_train=32 data.shapes_val=8 train.num_visualizations=0 "
+             "train.stall_minutes=0.5")
+    res = head(c, {**env, "CONFIG": "shapes_tiny", "OUTPUT_DIR": str(out), "EXTRA": extra},
+               "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+               "--time=00:20:00", f"--chdir={work}", f"--output={work}/slurm-%j.out", str(REPO / "slurm/megdet.sbatch"))
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip()
+
+    def info():
+        text = head(c, env, "scontrol", "show", "job", "-o", job).stdout
+        return dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
+    deadline = time.time() + 240
+    while not list((out / "checkpoints").glob("model_img*.pth")) and time.time() < deadline:
+        time.sleep(0.5)
+    first_nodes = info()["NodeList"]
+    assert first_nodes == "node[01-02]", info()
+    cluster("kill", c, "node02")  # power loss: every process of node02, its slurmd included
+    deadline = time.time() + 300
+    while info().get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") and time.time() < deadline:
+        time.sleep(1)
+    final, batch = info(), "\n".join(p.read_text() for p in sorted(work.glob("slurm-*.out")))
+    assert final["JobState"] == "COMPLETED", batch
+    attempts = (out / "slurm" / "attempts.log").read_text().splitlines()
+    assert re.search(r"attempt=1 class=crash .* first_failure=-1@node02 reason=\"node failure \(srun: error: Node "
+                     r"failure on node02\)\" action=requeue \(1 of 3 restarts\) excluding node node02", attempts[0]), batch
+    assert " attempt=2 class=done" in attempts[-1], batch
+    assert final["ExcNodeList"] == "node02" and final["NodeList"] == "node[01,03]", final
+    hosts = {line.split(" on ")[1].split()[0] for f in (out / "logs").glob("rank-*.log")
+             for line in f.read_text(errors="replace").splitlines() if "(local rank" in line}
+    assert hosts == {"node01", "node02", "node03"}  # attempt 1 on 01+02, attempt 2 on 01+03
+    for k in (0, 1):  # every attempt's per-rank output
+        assert sorted(p.name for p in (out / "slurm" / f"attempt-{k}").glob("rank-*.out")) == \
+            [f"rank-{r}.out" for r in range(4)]
+    assert json.loads((out / "eval" / "metrics.json").read_text())["images_seen"] == 48 * 8

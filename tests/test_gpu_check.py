@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = "deps facts peer install syncbn megdet megdet_sync shapes_tiny".split()
+STEPS = "deps facts kernels peer install syncbn megdet megdet_sync shapes_tiny".split()
 
 
 def gpu_check(tmp_path, *args, timeout=590):
@@ -37,13 +37,15 @@ def test_rehearsal_runs_every_step_ok(tmp_path):
     assert res.returncode == 0 and "total_s" in doc, res.stdout + res.stderr
     plan = {p.split(":")[0]: (int(p.split(":")[1]), int(p.split(":")[2])) for p in doc["plan"].split()}
     assert list(plan) == STEPS and sum(limit for _, limit in plan.values()) <= doc["deadline_s"] == 540
+    assert doc["limit_scale"] == 4  # the rehearsal's limits: x4 (this CPU's tiny steps outlast a GPU's)
     assert all(expected < limit for expected, limit in plan.values())
     f = {name: s["figures"] for name, s in steps.items()}
 
+    assert "need CUDA" in f["kernels"]["skipped"]
     assert "-nompi" in f["install"]["cache_key"]  # the node's build: Gloo + NCCL, no MPI
     assert f["facts"]["controller"] == "gloo" and f["facts"]["size"] == 1
     sb = f["syncbn"]
-    assert sb["kinds"] == ["bn", "plain"] and "needs CUDA" in sb["fused"] and sb["input"] == "2x3x64x96"
+    assert sb["kinds"] == ["bn", "plain"] and "need CUDA" in sb["fused"] and sb["input"] == "2x3x64x96"
     for dtype in ("fp32", "fp16", "bf16"):  # the forced group path agrees with nn.BatchNorm2d
         assert "error" not in sb[dtype], sb[dtype]
     assert sb["fp32"]["plain_max_abs_err_y"] < 1e-4 and sb["fp32"]["plain_max_abs_err_dx"] < 1e-3
@@ -72,7 +74,7 @@ def test_rehearsal_runs_every_step_ok(tmp_path):
 
 
 def test_no_step_starts_that_cannot_finish(tmp_path):
-    """--deadline 30: deps (limit 20) fits, the peer (70) does not: skipped, with why."""
+    """--deadline 30 (x4 in a rehearsal): deps (limit 20 x4) fits, the peer (65 x4) does not: skipped, with why."""
     res, doc, _ = gpu_check(tmp_path, "--deadline", "30", "--only", "deps,peer", timeout=120)
     steps = doc["steps"]
     assert steps["deps"]["ok"], res.stdout + res.stderr

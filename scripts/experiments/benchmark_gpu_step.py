@@ -6,20 +6,24 @@ as JSON to ``--out`` (read by ``record``, which files them into gpu.json). Run b
     benchmark_gpu_step.py record --json gpu.json --step NAME --rc RC --seconds S [--figures F] [--log L]
     benchmark_gpu_step.py meta --json gpu.json --set JSON | setup-figures --json gpu.json --log SETUP_LOG
     benchmark_gpu_step.py facts      --out F                       (no Horovod needed; its facts if importable)
+    benchmark_gpu_step.py kernels    --out F [--image 800x1216]     (no Horovod needed)
     benchmark_gpu_step.py syncbn     --out F [--image 800x1216] [--iters 10]
     benchmark_gpu_step.py megdet     --out F --output-dir DIR [--variants a,b,...] [--latency-iters N] [key=value ...]
     benchmark_gpu_step.py peer       --out F --output-dir DIR [--iters 10] [--warmup 5] [--modes fp32,amp] [k=v ...]
     benchmark_gpu_step.py run-figures --out F --output-dir DIR
 
 All of them run on the device the project's ``train.device=auto`` picks (CUDA where usable, else
-the CPU: gpu_check.sh --rehearse). At np=1: ``syncbn`` runs SyncBatchNorm's group path (plain and
+the CPU: gpu_check.sh --rehearse). ``kernels`` checks torch's four fused BN kernels, called as
+SyncBatchNorm's fused path calls them, against nn.BatchNorm2d, before Horovod is installed. At
+np=1: ``syncbn`` runs SyncBatchNorm's group path (plain and
 fused) with real Horovod collectives (an explicit ``dist.global_set()``) against nn.BatchNorm2d;
 ``megdet`` runs the project's Trainer in this process, one variant after another (norm, SyncBN
 implementation, AMP), SyncBN's group path forced onto the global set so that its two collectives
 per layer run through Horovod (NCCL on a GPU) even at world size 1; ``peer`` runs torchvision's
 own fasterrcnn_resnet50_fpn training step on the same images (no Horovod: it runs even when
 Horovod's install failed). Timings are medians of >= 10 iterations after warm-up, with the device
-synchronised around the timed region.
+synchronised around the timed region. Figures are saved after every variant, dtype or mode:
+a step cut at its time limit keeps what it measured.
 """
 from __future__ import annotations
 
@@ -34,6 +38,14 @@ import time
 from pathlib import Path
 
 from common import layer_shapes, median_ms, read_jsonl, timed
+
+
+OUT: list[str] = []  # the running subcommand's --out: partial figures are saved there as they come
+
+
+def save(figures: dict) -> None:
+    if OUT:
+        write_json(OUT[0], figures)
 
 
 def write_json(path, obj) -> None:
@@ -204,6 +216,7 @@ def syncbn(args) -> dict:
             res[name] = _bn_compare(shapes, dtype, dev, args.iters, kinds)
         except Exception as e:  # noqa: BLE001 - one dtype failing must not lose the others
             res[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        save(res)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     failed = [k for k in ("fp32", "fp16", "bf16") if "error" in res[k]]
@@ -270,6 +283,56 @@ def _bn_compare(shapes, dtype, dev, iters, kinds) -> dict:
     for kind in kinds[1:]:
         out[f"{kind}_over_bn"] = round(out[f"{kind}_ms"] / out["bn_ms"], 3)
     return out
+
+
+def kernels(args) -> dict:
+    """torch's fused BN kernels as SyncBatchNorm(impl="fused") calls them on one rank (batch_norm_stats,
+    batch_norm_elemt; batch_norm_backward_reduce, batch_norm_backward_elemt with an int32 count), against
+    nn.BatchNorm2d's training forward and autograd backward, on ResNet-50's BN shapes, fp32 and fp16/bf16
+    inputs with fp32 parameters (AMP). Needs no Horovod: it runs before the install."""
+    import torch
+    from torch import nn
+
+    dev = device()
+    if dev.type != "cuda":
+        return {"device": str(dev), "skipped": "torch's fused BN kernels need CUDA"}
+    h, w = (int(v) for v in args.image.split("x"))
+    shapes = layer_shapes("resnet50", (h, w), device="meta")
+    res = {"device": str(dev), "layers": len(shapes), "input": f"2x3x{h}x{w}"}
+    eps = 1e-5
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        errs = {"y": 0.0, "dx": 0.0, "dweight": 0.0, "dbias": 0.0, "max_abs_dx": 0.0}
+        try:
+            for s in shapes:
+                torch.manual_seed(0)
+                x = (torch.randn(s, device=dev) + 2.0).to(dtype)
+                dy = torch.randn(s, device=dev).to(dtype)
+                ref = nn.BatchNorm2d(s[1], eps=eps).to(dev)
+                with torch.no_grad():
+                    ref.weight.uniform_(0.5, 1.5)
+                    ref.bias.uniform_(-0.5, 0.5)
+                xr = x.detach().requires_grad_()
+                with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                    yr = ref(xr)
+                yr.backward(dy)
+                wt, bs = ref.weight.detach(), ref.bias.detach()
+                mean, invstd = torch.batch_norm_stats(x, eps)
+                y = torch.batch_norm_elemt(x, wt, bs, mean, invstd, eps)
+                sum_dy, sum_dy_xmu, gw, gb = torch.batch_norm_backward_reduce(dy, x, mean, invstd, wt, True, True, True)
+                count = torch.tensor([x.numel() // s[1]], dtype=torch.int32, device=dev)
+                dx = torch.batch_norm_backward_elemt(dy, x, mean, invstd, wt, sum_dy, sum_dy_xmu, count)
+                for k, a, b in (("y", y, yr), ("dx", dx, xr.grad), ("dweight", gw, ref.weight.grad),
+                                ("dbias", gb, ref.bias.grad)):
+                    errs[k] = max(errs[k], float((a.float() - b.float()).abs().max()))
+                errs["max_abs_dx"] = max(errs["max_abs_dx"], float(xr.grad.float().abs().max()))
+            res[name] = {f"max_abs_err_{k}" if k != "max_abs_dx" else k: round(v, 8) for k, v in errs.items()}
+        except Exception as e:  # noqa: BLE001 - one dtype failing must not lose the others
+            res[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        save(res)
+    failed = [k for k in ("fp32", "fp16", "bf16") if "error" in res[k]]
+    if failed:
+        res["failed"] = failed
+    return res
 
 
 def latency(iters: int) -> dict:
@@ -380,6 +443,7 @@ def megdet(args) -> dict:
     dev = device()
     app.start_horovod()
     res = {"device": str(dev), "latency": latency(args.latency_iters), "variants": {}}
+    save(res)
     issued = {"n": 0}
     real_allreduce = dist.allreduce
 
@@ -418,6 +482,7 @@ def megdet(args) -> dict:
             del trainer
         except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
             res["variants"][name] = {"error": f"{type(e).__name__}: {e}"[:800]}
+        save(res)
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -448,6 +513,7 @@ def peer(args) -> dict:
             res[mode] = _peer_steps(cfg, ds, dev, mode == "amp" and dev.type == "cuda", args.warmup, args.iters)
         except Exception as e:  # noqa: BLE001 - one mode failing must not lose the other
             res[mode] = {"error": f"{type(e).__name__}: {e}"[:800]}
+        save(res)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     failed = [m for m in args.modes.split(",") if "error" in res[m]]
@@ -514,9 +580,11 @@ def main() -> None:
     m = sub.add_parser("setup-figures")
     m.add_argument("--json", required=True)
     m.add_argument("--log", required=True)
-    for name in ("facts", "syncbn", "megdet", "peer", "run-figures"):
+    for name in ("facts", "kernels", "syncbn", "megdet", "peer", "run-figures"):
         s = sub.add_parser(name)
         s.add_argument("--out", required=True)
+        if name == "kernels":
+            s.add_argument("--image", default="800x1216")
         if name == "syncbn":
             s.add_argument("--image", default="800x1216")
             s.add_argument("--iters", type=int, default=10)
@@ -537,7 +605,9 @@ def main() -> None:
     args = p.parse_args()
     if args.cmd in ("record", "meta", "setup-figures"):  # stdlib only
         return {"record": record, "meta": meta, "setup-figures": setup_figures}[args.cmd](args)
-    fn = {"facts": facts, "syncbn": syncbn, "megdet": megdet, "peer": peer, "run-figures": run_figures}[args.cmd]
+    fn = {"facts": facts, "kernels": kernels, "syncbn": syncbn, "megdet": megdet, "peer": peer,
+          "run-figures": run_figures}[args.cmd]
+    OUT.append(args.out)
     figures = fn(args)
     write_json(args.out, figures)
     print(json.dumps(figures, default=str)[:2000], flush=True)

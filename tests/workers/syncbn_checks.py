@@ -152,8 +152,9 @@ def checks(args):
         cases[f"{tag}/uneven"] = compare(uneven, k, impl="fused")
         cases[f"{tag}/empty_rank"] = compare(empty, k, impl="fused") if n > 1 else []
     cases["fused/channels_last"] = compare(uneven, None, channels_last=True, impl="fused")
+    # the kernel's fp32 per-rank mean bounds the group variance at ~2e-5 here (sync_bn's docstring)
     cases["fused/large_mean"] = compare(uneven, None, mean=1e4, std=10.0, ref_dtype=torch.float64, tol=1e-3,
-                                        impl="fused")
+                                        stat_tol=1e-4, impl="fused")
     cases["fused/fp16"] = compare(uneven, None, dtype=torch.float16, tol=2e-3, impl="fused")
     out["fused_kernel_calls"] = dict(ReferenceKernels.calls)
     out["cases"] = cases
