@@ -60,7 +60,7 @@ SchedulerParameters=sched_interval=2
 SlurmctldTimeout=30
 SlurmdTimeout=${SLURMD_TIMEOUT:-30}
 InactiveLimit=0
-KillWait=5
+KillWait=${KILL_WAIT:-5}
 MinJobAge=600
 GresTypes=gpu
 ${2:-}
@@ -142,7 +142,8 @@ start_nodes() {  # CLUSTER: a running scripts/local_cluster.sh
   done
   lines+="PartitionName=nodes Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
   # a node lost is declared DOWN (and its job requeued) after SlurmdTimeout: 10 s, not 30, for the tests
-  SLURMD_TIMEOUT=10 write_conf "$lines" "SlurmdParameters=config_overrides" "head($net.254)"
+  # KillWait as SLURM's default (30 s): the time a job script has after TERM (a node failure's cancel)
+  KILL_WAIT=30 SLURMD_TIMEOUT=10 write_conf "$lines" "SlurmdParameters=config_overrides" "head($net.254)"
   daemons "${names[@]}"
 }
 

@@ -110,3 +110,19 @@ def test_classify_sets_node_problem_from_the_first_failure(tmp_path):
     out = subprocess.run([sys.executable, "-m", "hvd_megdet.attempts", str(tmp_path), "/nonexistent", "1"],
                          capture_output=True, text=True, check=True).stdout
     assert "ATTEMPT_CLASS=crash" in out and "NODE_PROBLEM=1" in out and "FIRST_RANK=0" in out
+
+
+def test_node_failure_blames_the_lost_node_not_the_survivors(tmp_path):
+    """A node lost as a whole (seen on real hosts, tests/test_cluster.py): its ranks say nothing, the
+    survivors' watchdogs report a stuck peer first; srun's "Node failure on HOST" names the node."""
+    _status(tmp_path, 1, 1.0, "watchdog: no progress for 32 s at iteration 4 (backward): waiting in collective "
+                              "'syncbn.9.bwd' for a peer that is stuck")
+    _status(tmp_path, 0, 1.5, "watchdog: no progress for 32 s at iteration 4 (backward)")
+    srun = ("srun: error: Node failure on node02\nsrun: Job step aborted: Waiting up to 32 seconds for job step\n"
+            "srun: error: node01: task 1: Exited with exit code 1\n")
+    res = attempts.classify(143, tmp_path, srun)
+    assert (res["class"], res["first_rank"], res["first_host"], res["node_problem"]) == ("crash", -1, "node02", True)
+    assert res["first_reason"] == "node failure (srun: error: Node failure on node02)"
+    # without srun's word the survivors' report stands, and blames no node (a stuck peer is not evidence)
+    res = attempts.classify(143, tmp_path, "srun: error: node01: task 1: Exited with exit code 1\n")
+    assert (res["first_host"], res["node_problem"]) == ("gpu01", False)

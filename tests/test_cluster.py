@@ -228,10 +228,12 @@ def test_slurm_across_nodes_node_lost_excluded_and_completed(slurm_nodes):
     final, batch = info(), "\n".join(p.read_text() for p in sorted(work.glob("slurm-*.out")))
     assert final["JobState"] == "COMPLETED", batch
     attempts = (out / "slurm" / "attempts.log").read_text().splitlines()
-    assert re.search(r"attempt=1 class=crash .* first_failure=-1@node02 reason=\"node failure \(srun: error: Node "
-                     r"failure on node02\)\" action=requeue \(1 of 3 restarts\) excluding node node02", attempts[0]), batch
+    # named by SLURM's own word (srun's "Node failure on node02", or the node down when the job got TERM)
+    assert re.search(r"attempt=1 class=crash .* first_failure=-1@node02 reason=\"node failure \((srun: error: Node "
+                     r"failure on node02|SLURM: node02 down)\)\" action=requeue \(1 of 3 restarts\) excluding node "
+                     r"node02", attempts[0]), batch
     assert " attempt=2 class=done" in attempts[-1], batch
-    assert final["ExcNodeList"] == "node02" and final["NodeList"] == "node[01,03]", final
+    assert final["ExcNodeList"] == "node02" and final["NodeList"] == "node[01,03]", (final, batch, attempts)
     hosts = {line.split(" on ")[1].split()[0] for f in (out / "logs").glob("rank-*.log")
              for line in f.read_text(errors="replace").splitlines() if "(local rank" in line}
     assert hosts == {"node01", "node02", "node03"}  # attempt 1 on 01+02, attempt 2 on 01+03
