@@ -19,7 +19,9 @@
 #
 # Jobs run from a node, e.g.
 #   scripts/local_cluster.sh exec DIR node01 horovodrun -np 4 -H node01:2,node02:2 python scripts/train.py
-# Needs: iproute2, util-linux (unshare, nsenter), openssh-server (scripts/setup.sh --cluster).
+# Shared folders under /tmp (a checkout in /tmp, say) stay shared: the repository and the folders in
+# LOCAL_CLUSTER_SHARE (colon-separated) are bound back into each node's private /tmp.
+# Needs: iproute2, util-linux (unshare, nsenter), openssh-server (scripts/setup.sh --slurm).
 set -euo pipefail
 
 cmd=${1:-}; DIR=${2:-}
@@ -31,6 +33,8 @@ TAG=$(printf '%04x' $(( SUM % 65536 )))           # namespace names: hvd<TAG>n<i
 NET=10.$(( 100 + SUM % 100 )).$(( (SUM / 100) % 250 ))  # the nodes' /24, inside the namespaces only
 CACHE=${HVD_MEGDET_CACHE:-$HOME/.cache/hvd_megdet}  # node-local on every node
 SW=hvd${TAG}sw
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SHARE="$REPO${LOCAL_CLUSTER_SHARE:+:$LOCAL_CLUSTER_SHARE}"
 case "$DIR/" in
   /tmp/*|"$CACHE"/*) echo "local_cluster: $DIR would be hidden on the nodes (/tmp and $CACHE are node-local there): use a shared folder, e.g. /var/tmp/cluster" >&2; exit 2 ;;
 esac
@@ -109,12 +113,18 @@ PrintMotd no
 AcceptEnv *
 EOF
     # the node's holder: its UTS + mount namespaces (inside its network namespace) live as long as it
+    mkdir -p "$dir/machine-tmp"
     cat > "$dir/init.sh" <<EOF
 set -e
 hostname $name
 mount --bind $DIR/hosts /etc/hosts
 mount --bind $DIR/ssh/client /root/.ssh
+mount --bind /tmp $dir/machine-tmp       # the machine's /tmp, seen only in this node's mounts
 mount -t tmpfs -o size=4g,mode=1777 tmpfs /tmp
+IFS=: read -ra share <<< "$SHARE"
+for p in "\${share[@]}"; do
+  case "\$p" in /tmp/?*) mkdir -p "\$p"; mount --bind "$dir/machine-tmp/\${p#/tmp/}" "\$p" ;; esac
+done
 mkdir -p "$CACHE" && mount -t tmpfs -o size=8g tmpfs "$CACHE"
 /usr/sbin/sshd -f $dir/sshd_config -E $DIR/log/sshd-$name.log
 echo ready > $dir/ready
